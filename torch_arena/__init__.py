@@ -1,0 +1,24 @@
+"""torch_arena: pre-allocated shared-memory arenas for the PyTorch data path.
+
+Workers write each batch once into recycled shared memory; the training
+process gets zero-copy views (segment pool) or cheap private copies (ring
+buffer) instead of unpickling or mapping fresh memory for every batch.
+"""
+
+from ._codec import DEFAULT_THRESHOLD, offload, restore
+from ._handlers import PayloadHandler, register_handler, unregister_handler
+from ._pool import SharedMemorySegmentPool
+from ._ring import SharedMemoryRingBuffer
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "PayloadHandler",
+    "SharedMemoryRingBuffer",
+    "SharedMemorySegmentPool",
+    "offload",
+    "register_handler",
+    "restore",
+    "unregister_handler",
+]
+
+__version__ = "0.1.0"

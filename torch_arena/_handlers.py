@@ -1,0 +1,250 @@
+"""Payload handlers: which objects travel through the arena, and how they come back.
+
+A handler claims one family of objects (:meth:`PayloadHandler.matches`),
+exposes its bytes without copying (:meth:`PayloadHandler.get_buffer`) and
+rebuilds it from arena memory (:meth:`PayloadHandler.from_buffer`). The codec
+(:mod:`torch_arena._codec`) does the single copy in between, and skips even
+that when the bytes already sit in the unit being written (a batch collated
+straight into the arena).
+
+Restore rules (SPDL's, plus what SPDL gets wrong):
+
+* bytes / bytearray / memoryview: the pool gives a writable ``memoryview``
+  over shared memory for all three; the ring gives back the original type.
+* numpy arrays: a view on the pool, a private copy on the ring; any dtype
+  numpy can describe without Python objects (structured dtypes keep their
+  fields), Fortran order kept, other layouts made C-contiguous.
+* torch: handled at the *storage* level, under torch's own tensor pickling, so
+  every dtype (bfloat16 too), ``requires_grad``, subclasses such as
+  ``Parameter`` and storage sharing between tensors of one item all survive.
+* spdl.io packets: duck-typed by class name, bytes from ``__getstate__()``,
+  rebuilt with ``deserialize_view`` (pool) or ``deserialize`` (ring).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch.storage import TypedStorage, UntypedStorage
+
+__all__ = ["PayloadHandler", "register_handler", "unregister_handler"]
+
+
+@runtime_checkable
+class PayloadHandler(Protocol):
+    """Teaches the codec to move one family of objects through an arena.
+
+    ``kind`` must be unique; the process that restores must have the same
+    handler registered as the one that offloads (register it at import time
+    of the module that defines your type, so spawn workers get it too).
+    """
+
+    kind: str
+
+    def matches(self, obj: object, threshold: int) -> bool:
+        """Whether to offload ``obj`` (only called for objects of at least some size)."""
+        ...
+
+    def get_buffer(self, obj: object) -> tuple[Any, Any]:
+        """``(contiguous bytes-like or uint8 ndarray, picklable hashable meta)``, no copy."""
+        ...
+
+    def from_buffer(self, buf: memoryview, meta: Any, zero_copy: bool) -> object:
+        """Rebuild the object. With ``zero_copy`` the buffer is live shared memory
+        (keep views of it); otherwise it is already a private copy."""
+        ...
+
+
+def _uint8(buf: Any) -> np.ndarray:
+    """A flat uint8 array over a C-contiguous buffer (no copy)."""
+    return buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, dtype=np.uint8)
+
+
+class BytesHandler:
+    """bytes, bytearray and memoryview."""
+
+    kind = "bytes"
+    copies_out = True
+
+    def matches(self, obj: object, threshold: int) -> bool:
+        if isinstance(obj, memoryview):
+            return obj.nbytes >= threshold
+        return isinstance(obj, (bytes, bytearray)) and len(obj) >= threshold
+
+    def get_buffer(self, obj: Any) -> tuple[Any, Any]:
+        if isinstance(obj, memoryview):
+            meta = (memoryview, obj.format, tuple(obj.shape or ()))
+            src = obj if obj.c_contiguous else memoryview(obj.tobytes())
+            return src.cast("B") if src.ndim != 1 or src.format != "B" else src, meta
+        return obj, (type(obj), "B", (len(obj),))
+
+    def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
+        original, fmt, shape = meta
+        if not zero_copy and original is bytes:
+            return bytes(buf)
+        if not zero_copy and original is bytearray:
+            return bytearray(buf)
+        view = memoryview(buf if zero_copy else bytearray(buf))
+        if original is memoryview and (fmt != "B" or len(shape) != 1):
+            try:
+                return view.cast(fmt, shape)
+            except (TypeError, ValueError):
+                return view
+        return view
+
+
+class NumpyHandler:
+    """numpy.ndarray of any dtype without Python objects."""
+
+    kind = "numpy"
+    copies_out = True
+
+    def matches(self, obj: object, threshold: int) -> bool:
+        return type(obj) is np.ndarray and obj.nbytes >= threshold and not obj.dtype.hasobject  # type: ignore[attr-defined]
+
+    def get_buffer(self, obj: Any) -> tuple[Any, Any]:
+        if obj.flags.c_contiguous:
+            order, flat = "C", obj.reshape(-1)
+        elif obj.flags.f_contiguous:
+            order, flat = "F", obj.ravel(order="F")
+        else:
+            order, flat = "C", np.ascontiguousarray(obj).reshape(-1)
+        return flat.view(np.uint8), (obj.dtype, obj.shape, order)
+
+    def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
+        dtype, shape, order = meta
+        flat = _uint8(buf)
+        if not zero_copy:
+            flat = flat.copy()
+        return flat.view(dtype).reshape(shape, order=order)
+
+
+class StorageHandler:
+    """torch CPU storages, reached through torch's own tensor pickling."""
+
+    kind = "torch"
+    copies_out = True
+
+    def matches(self, obj: object, threshold: int) -> bool:
+        if type(obj) is TypedStorage:
+            untyped = obj._untyped_storage  # type: ignore[attr-defined]
+        elif type(obj) is UntypedStorage:
+            untyped = obj
+        else:
+            return False
+        return untyped.device.type == "cpu" and untyped.nbytes() >= threshold
+
+    def get_buffer(self, obj: Any) -> tuple[Any, Any]:
+        if type(obj) is TypedStorage:
+            untyped, dtype = obj._untyped_storage, obj.dtype
+        else:
+            untyped, dtype = obj, None
+        flat = torch.empty(0, dtype=torch.uint8).set_(untyped)
+        return flat.numpy(), dtype
+
+    def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
+        flat = _uint8(buf)
+        if zero_copy:
+            untyped = torch.from_numpy(flat).untyped_storage()
+        else:
+            private = torch.empty(flat.nbytes, dtype=torch.uint8)
+            private.numpy()[...] = flat
+            untyped = private.untyped_storage()
+        return untyped
+
+    @staticmethod
+    def wrap(untyped: Any, meta: Any) -> object:
+        """The storage type torch's pickling asked for (typed or untyped)."""
+        if meta is None:
+            return untyped
+        return TypedStorage(wrap_storage=untyped, dtype=meta, _internal=True)
+
+
+class PacketsHandler:
+    """spdl.io Audio/Video/ImagePackets, without importing spdl."""
+
+    kind = "packets"
+    copies_out = True
+    _NAMES = frozenset(("AudioPackets", "VideoPackets", "ImagePackets"))
+
+    def __init__(self) -> None:
+        self._serialized = threading.local()
+
+    def matches(self, obj: object, threshold: int) -> bool:
+        cls = type(obj)
+        if cls.__name__ not in self._NAMES or not hasattr(cls, "deserialize_view"):
+            return False
+        data = obj.__getstate__()  # type: ignore[attr-defined]
+        if not isinstance(data, (bytes, bytearray)) or len(data) < threshold:
+            return False
+        self._serialized.last = (id(obj), data)  # reused by get_buffer just below
+        return True
+
+    def get_buffer(self, obj: Any) -> tuple[Any, Any]:
+        last = getattr(self._serialized, "last", None)
+        self._serialized.last = None
+        data = last[1] if last is not None and last[0] == id(obj) else obj.__getstate__()
+        return data, type(obj)
+
+    def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
+        if zero_copy:
+            return meta.deserialize_view(memoryview(buf))
+        return meta.deserialize(bytes(buf))
+
+
+_BUILTIN: tuple[Any, ...] = (StorageHandler(), NumpyHandler(), BytesHandler(), PacketsHandler())
+_user_handlers: list[Any] = []
+_by_kind: dict[str, Any] = {h.kind: h for h in _BUILTIN}
+_order: tuple[Any, ...] = _BUILTIN
+
+
+def register_handler(handler: PayloadHandler) -> None:
+    """Route objects ``handler`` matches through arenas (tried before the built-ins).
+
+    Raises ValueError if ``handler`` lacks the :class:`PayloadHandler` methods
+    or its ``kind`` is already taken.
+    """
+    global _order
+    if not isinstance(handler, PayloadHandler) or not isinstance(getattr(handler, "kind", None), str):
+        raise ValueError(
+            f"{handler!r} is not a payload handler: it needs a str 'kind' and the methods "
+            "matches(obj, threshold), get_buffer(obj) and from_buffer(buf, meta, zero_copy)"
+        )
+    if handler.kind in _by_kind:
+        raise ValueError(f"a payload handler of kind {handler.kind!r} is already registered")
+    _user_handlers.insert(0, handler)
+    _by_kind[handler.kind] = handler
+    _order = (*_user_handlers, *_BUILTIN)
+
+
+def unregister_handler(kind: str) -> None:
+    """Remove the user handler registered under ``kind`` (built-ins stay)."""
+    global _order
+    handler = _by_kind.get(kind)
+    if handler is None or handler in _BUILTIN:
+        raise ValueError(f"no user payload handler of kind {kind!r} is registered")
+    _user_handlers.remove(handler)
+    del _by_kind[kind]
+    _order = (*_user_handlers, *_BUILTIN)
+
+
+def handler_for(obj: object, threshold: int) -> Any:
+    """The first handler (user ones first) that wants ``obj``, else None."""
+    for handler in _order:
+        if handler.matches(obj, threshold):
+            return handler
+    return None
+
+
+def handler_of_kind(kind: str) -> Any:
+    """The handler registered under ``kind``; ValueError names the fix if missing."""
+    try:
+        return _by_kind[kind]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"the envelope needs a payload handler of kind {kind!r}, which is not registered "
+            "in this process; call torch_arena.register_handler() here too (at import time)"
+        ) from None
