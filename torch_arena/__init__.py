@@ -6,12 +6,17 @@ buffer) instead of unpickling or mapping fresh memory for every batch.
 """
 
 from ._codec import DEFAULT_THRESHOLD, offload, restore
+from ._dataloader import ArenaDataLoader
 from ._handlers import PayloadHandler, register_handler, unregister_handler
 from ._pool import SharedMemorySegmentPool
 from ._ring import SharedMemoryRingBuffer
+from ._session import ArenaFallbackWarning, ArenaStats
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "ArenaDataLoader",
+    "ArenaFallbackWarning",
+    "ArenaStats",
     "PayloadHandler",
     "SharedMemoryRingBuffer",
     "SharedMemorySegmentPool",

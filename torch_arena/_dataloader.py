@@ -1,0 +1,239 @@
+"""ArenaDataLoader: torch's DataLoader, with batches crossing through an arena.
+
+Only two things differ from the stock loader, both at iterator time:
+
+* the collate function each worker runs is wrapped in
+  :class:`~torch_arena._worker.ArenaCollate`, which writes the batch into the
+  arena and returns a small envelope;
+* the loader owns an :class:`~torch_arena._session.ArenaSession` that the
+  envelope finds when it is unpickled in this process, where it restores.
+
+Everything else is torch's own ``_MultiProcessingDataLoaderIter`` (the
+iterator *is* one, so code that reads ``it._workers`` or calls
+``it._shutdown_workers()`` keeps working). Nothing is allocated in
+``__init__``: Lightning builds and discards copies of loaders and pickles
+them under ddp_spawn. The arena is made when the first iterator starts and
+kept for the loader's later iterators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _BaseDataLoaderIter, _MultiProcessingDataLoaderIter
+
+from ._codec import DEFAULT_THRESHOLD
+from ._session import ArenaSession, ArenaStats, arena_slots, default_budget, make_arena
+from ._worker import ArenaCollate
+
+__all__ = ["ArenaDataLoader"]
+
+_ARENA_NAMES = ("pool", "ring")
+_OVERFLOW = ("fallback", "raise")
+
+
+def _validate_arena(arena: object) -> None:
+    if arena is None or arena in _ARENA_NAMES:
+        return
+    if isinstance(arena, str) or not all(hasattr(arena, m) for m in ("open_writer", "open_reader")):
+        raise ValueError(
+            f"arena must be 'pool', 'ring', None (torch's default transport) or an arena "
+            f"instance (SharedMemorySegmentPool / SharedMemoryRingBuffer), got {arena!r}"
+        )
+
+
+class ArenaDataLoader(DataLoader):
+    """A drop-in :class:`torch.utils.data.DataLoader` whose workers send batches
+    through a shared-memory arena.
+
+    Every DataLoader argument keeps its meaning. The extra keyword-only
+    arguments:
+
+    Args:
+        arena: ``"pool"`` (zero-copy views; the default), ``"ring"`` (private
+            copies), an arena instance you own (shared by all the loader's
+            iterators), or ``None`` for exactly the stock transport (the A side
+            of an A/B comparison). Ignored with ``num_workers=0``.
+        arena_budget: Bytes for an arena the loader makes. Default: room for a
+            64 MiB batch per slot (``num_workers × prefetch_factor + 2``), at
+            most an eighth of the memory available. A pool splits it into one
+            segment per slot.
+        arena_overflow: ``"fallback"`` (default): a batch that does not fit
+            travels by torch's default path, with one warning and a count in
+            :attr:`arena_stats`; ``"raise"``: a :class:`BufferError` that says
+            what to change.
+        arena_timeout: Seconds a worker waits for space (every segment held by
+            batches the training loop keeps) before falling back or raising.
+        arena_threshold: Tensors, arrays and bytes smaller than this travel
+            inline in the envelope.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[Any], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: Any = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        arena: Any = "pool",
+        arena_budget: int | None = None,
+        arena_overflow: str = "fallback",
+        arena_timeout: float = 2.0,
+        arena_threshold: int = DEFAULT_THRESHOLD,
+        **kwargs: Any,
+    ) -> None:
+        _validate_arena(arena)
+        if arena_budget is not None and (
+            isinstance(arena_budget, bool) or not isinstance(arena_budget, int) or arena_budget <= 0
+        ):
+            raise ValueError(f"arena_budget must be a positive number of bytes or None, got {arena_budget!r}")
+        if arena_overflow not in _OVERFLOW:
+            raise ValueError(f"arena_overflow must be 'fallback' or 'raise', got {arena_overflow!r}")
+        if isinstance(arena_timeout, bool) or not isinstance(arena_timeout, (int, float)) or not arena_timeout >= 0:
+            raise ValueError(f"arena_timeout must be a number of seconds >= 0, got {arena_timeout!r}")
+        if isinstance(arena_threshold, bool) or not isinstance(arena_threshold, int) or arena_threshold < 0:
+            raise ValueError(f"arena_threshold must be an int >= 0, got {arena_threshold!r}")
+        self._arena_session: ArenaSession | None = None
+        self._arena_session_key: tuple[Any, ...] | None = None
+        super().__init__(
+            dataset,
+            batch_size,
+            shuffle,
+            sampler,
+            batch_sampler,
+            num_workers,
+            collate_fn,
+            pin_memory,
+            drop_last,
+            timeout,
+            worker_init_fn,
+            multiprocessing_context,
+            generator,
+            prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers,
+            pin_memory_device=pin_memory_device,
+            in_order=in_order,
+            **kwargs,
+        )
+        self.arena = arena
+        self.arena_budget = arena_budget
+        self.arena_overflow = arena_overflow
+        self.arena_timeout = float(arena_timeout)
+        self.arena_threshold = arena_threshold
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A live arena or iterator never travels with a pickled loader
+        # (ddp_spawn pickles DataModules and their loaders).
+        state = self.__dict__.copy()
+        state["_arena_session"] = None
+        state["_arena_session_key"] = None
+        state["_iterator"] = None
+        return state
+
+    @property
+    def uses_arena(self) -> bool:
+        """Whether batches will cross processes through an arena."""
+        return self.arena is not None and self.num_workers > 0
+
+    @property
+    def arena_stats(self) -> ArenaStats:
+        """Batches and bytes moved through the arena, fallbacks, producer wait
+        time and high-water marks, over all of this loader's iterators."""
+        session = self._arena_session
+        return session.snapshot() if session is not None else ArenaStats()
+
+    def release_arena(self) -> None:
+        """Stop this loader's workers and free the arena it made.
+
+        Batches already restored stay valid (their memory goes when they do).
+        An arena instance passed in by the user is not closed. The next
+        iteration makes a fresh arena.
+        """
+        iterator = self._iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._iterator = None
+        session, self._arena_session = self._arena_session, None
+        self._arena_session_key = None
+        if session is not None:
+            session.close()
+
+    def _session_for_iterator(self) -> ArenaSession:
+        prefetch = self.prefetch_factor if self.prefetch_factor is not None else 2
+        slots = arena_slots(self.num_workers, prefetch, bool(self.pin_memory))
+        arena_key = self.arena if isinstance(self.arena, str) else id(self.arena)
+        key = (arena_key, self.arena_budget, slots, self.arena_timeout)
+        session = self._arena_session
+        if session is not None and (self._arena_session_key != key or session.arena.closed):
+            session.close()
+            session = None
+        if session is None:
+            if isinstance(self.arena, str):
+                budget = self.arena_budget or default_budget(slots)
+                arena = make_arena(self.arena, budget, slots, self.arena_timeout)
+                session = ArenaSession(arena, owned=True, slots=slots)
+            else:
+                session = ArenaSession(self.arena, owned=False, slots=slots)
+            self._arena_session, self._arena_session_key = session, key
+        return session
+
+    def _get_iterator(self) -> _BaseDataLoaderIter:
+        if not self.uses_arena:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        return _ArenaMultiProcessingDataLoaderIter(self)
+
+
+class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
+    """torch's multi-process iterator; workers run an :class:`ArenaCollate`."""
+
+    def __init__(self, loader: ArenaDataLoader) -> None:
+        session = loader._session_for_iterator()
+        session.note_workers_gone([])  # reclaim what earlier iterators' workers left
+        self._arena_session = session
+        self._arena_config = dict(
+            threshold=loader.arena_threshold,
+            overflow=loader.arena_overflow,
+            timeout=loader.arena_timeout,
+            slots_hint=session.slots,
+        )
+        super().__init__(loader)
+
+    # torch's base iterator assigns ``self._collate_fn = loader.collate_fn`` and
+    # hands it to the worker processes it starts right after; wrapping it at
+    # assignment puts the arena in the workers without touching torch's code.
+    @property  # type: ignore[override]
+    def _collate_fn(self) -> Any:
+        return self.__dict__["_collate_fn"]
+
+    @_collate_fn.setter
+    def _collate_fn(self, collate_fn: Any) -> None:
+        if not isinstance(collate_fn, ArenaCollate):
+            collate_fn = ArenaCollate(collate_fn, self._arena_session.arena, **self._arena_config)
+        self.__dict__["_collate_fn"] = collate_fn
+
+    def _shutdown_workers(self) -> None:
+        pids = [w.pid for w in getattr(self, "_workers", ())]
+        try:
+            super()._shutdown_workers()
+        finally:
+            session = getattr(self, "_arena_session", None)
+            if session is not None and pids:
+                # Batches these workers committed but nobody will read (early
+                # break, abandoned iterator) go back to the arena.
+                session.note_workers_gone(pids)

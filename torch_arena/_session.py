@@ -1,0 +1,184 @@
+"""The consumer side of a loader's arena: sizing, restore-on-receipt, statistics.
+
+A batch crosses the worker queue as a tiny object whose unpickling *is* the
+restore (see :mod:`torch_arena._worker`). It is therefore restored exactly
+once, in whichever thread reads the worker queue (the main thread, or the
+pin-memory thread), and also when torch reads a batch only to drop it
+(iterator reset, persistent workers resuming): the dropped views die and the
+space goes back at once. An :class:`ArenaSession` is what that unpickling finds
+by the arena's token in this process's registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import warnings
+import weakref
+from typing import Any
+
+from ._codec import restore
+from ._memory import PAGE_SIZE, available_memory, format_bytes
+from ._pool import SharedMemorySegmentPool
+from ._ring import SharedMemoryRingBuffer
+
+__all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "default_budget"]
+
+#: Room for one batch in a default-sized arena.
+DEFAULT_BATCH_ROOM = 64 << 20
+#: Batches a training loop may hold beyond torch's prefetch window (the current
+#: and the previous batch while ``next()`` runs).
+HELD_BATCHES = 2
+
+
+class ArenaFallbackWarning(UserWarning):
+    """A batch travelled through torch's default path instead of the arena."""
+
+
+@dataclasses.dataclass
+class ArenaStats:
+    """What a loader's arena has moved so far (all iterators, all epochs)."""
+
+    batches: int = 0
+    """Batches that travelled through the arena."""
+    bytes: int = 0
+    """Binary payload bytes moved through the arena."""
+    fallbacks: int = 0
+    """Batches that went through torch's default path instead."""
+    wait_seconds: float = 0.0
+    """Time producers spent waiting for arena space."""
+    high_water_units: int = 0
+    """Most units (batches) in the arena at once."""
+    high_water_bytes: int = 0
+    """Most payload bytes in the arena at once."""
+    last_fallback_reason: str = ""
+    """Why the latest fallback happened."""
+
+
+def arena_slots(num_workers: int, prefetch_factor: int, pin_memory: bool) -> int:
+    """Units a loader can have in flight or held: prefetch window + held batches."""
+    return num_workers * prefetch_factor + HELD_BATCHES + (1 if pin_memory else 0)
+
+
+def default_budget(slots: int) -> int:
+    """Bytes for a loader's arena: room for one batch per slot, within an
+    eighth of the memory available now."""
+    available, _ = available_memory()
+    budget = slots * DEFAULT_BATCH_ROOM
+    if available is not None:
+        budget = min(budget, max(available // 8, slots * PAGE_SIZE))
+    return budget
+
+
+def make_arena(kind: str, budget: int, slots: int, timeout: float) -> Any:
+    """A pool of ``slots`` equal segments, or a ring, within ``budget`` bytes."""
+    if kind == "pool":
+        segment = max(PAGE_SIZE, budget // slots // PAGE_SIZE * PAGE_SIZE)
+        return SharedMemorySegmentPool(segment, slots, acquire_timeout=timeout)
+    return SharedMemoryRingBuffer(budget, acquire_timeout=timeout)
+
+
+_sessions: "weakref.WeakValueDictionary[int, ArenaSession]" = weakref.WeakValueDictionary()
+_sessions_lock = threading.Lock()
+
+
+class ArenaSession:
+    """One arena as seen by the process that consumes its batches."""
+
+    def __init__(self, arena: Any, *, owned: bool, slots: int) -> None:
+        self.arena = arena
+        self.owned = owned
+        self.slots = slots
+        self.token = arena.token
+        self.stats = ArenaStats()
+        self._reader: Any = None
+        self._reader_pid = -1
+        self._warned = False
+        self._dead_workers: set[int] = set()
+        with _sessions_lock:
+            _sessions[self.token] = self
+
+    @property
+    def reader(self) -> Any:
+        """This process's reader endpoint (opened on first use)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = self.arena.open_reader()
+            self._reader_pid = os.getpid()
+        return self._reader
+
+    def receive(self, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
+        """Restore one batch and count it."""
+        batch = restore(envelope, self.reader)
+        stats = self.stats
+        stats.batches += 1
+        stats.bytes += nbytes
+        stats.wait_seconds += wait_seconds
+        return batch
+
+    def receive_fallback(self, batch: Any, reason: str, wait_seconds: float) -> Any:
+        """Count a batch that came by torch's path; warn the first time."""
+        stats = self.stats
+        stats.fallbacks += 1
+        stats.wait_seconds += wait_seconds
+        stats.last_fallback_reason = reason
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"torch_arena: a batch travelled through torch's default path instead of the "
+                f"arena: {reason}. (Warned once; loader.arena_stats.fallbacks counts them.)",
+                ArenaFallbackWarning,
+                stacklevel=2,
+            )
+        return batch
+
+    def note_workers_gone(self, pids: "list[int]") -> None:
+        """Return the space of batches these shut-down workers left unread."""
+        self._dead_workers.update(p for p in pids if p)
+        reclaim = getattr(self.arena, "reclaim", None)
+        if reclaim is None or self.arena.closed or not self._dead_workers:
+            return
+        reclaim(sorted(self._dead_workers))
+        from ._sync import pid_alive
+
+        self._dead_workers = {p for p in self._dead_workers if pid_alive(p)}
+
+    def snapshot(self) -> ArenaStats:
+        """A copy of the statistics with the arena's high-water marks filled in."""
+        stats = dataclasses.replace(self.stats)
+        usage = getattr(self.arena, "usage", None)
+        if usage is not None and not self.arena.closed:
+            marks = usage()
+            stats.high_water_units = marks["units_high_water"]
+            stats.high_water_bytes = marks["bytes_high_water"]
+        return stats
+
+    def close(self) -> None:
+        """Release the arena if this session created it."""
+        with _sessions_lock:
+            if _sessions.get(self.token) is self:
+                del _sessions[self.token]
+        self._reader = None
+        if self.owned:
+            self.arena.close()
+
+
+def session_for(token: int) -> ArenaSession:
+    """The open session of arena ``token`` in this process, or a clear error."""
+    session = _sessions.get(token)
+    if session is None:
+        raise RuntimeError(
+            f"torch_arena: received a batch from arena {token:#x}, which is not open in this "
+            "process. Batches must be read by the process that created the loader, and the "
+            "loader's arena must not be released while its workers still run."
+        )
+    return session
+
+
+def describe_arena(arena: Any) -> str:
+    """A short description for messages."""
+    if isinstance(arena, SharedMemorySegmentPool):
+        return f"a pool of {arena.count} segments of {format_bytes(arena.segment_size)}"
+    if isinstance(arena, SharedMemoryRingBuffer):
+        return f"a ring of {format_bytes(arena.capacity)}"
+    return repr(arena)

@@ -1,0 +1,179 @@
+"""The worker side: collate a batch into the arena and send a small envelope.
+
+:class:`ArenaCollate` replaces the loader's collate function inside each
+worker (torch pickles exactly what the collate function returns). It opens a
+unit, collates (straight into the unit for ``default_collate``; otherwise
+runs the user's function and lets the codec copy the result in once),
+commits, and returns an :class:`ArenaBatch` of ~100 bytes. Unpickling that
+object in the training process restores the batch (:mod:`torch_arena._session`).
+
+When a batch cannot go through the arena (it is larger than a segment, the
+ring is full, or every segment is held by the training loop past the
+timeout) it either raises, or falls back to torch's own transport: the batch
+is wrapped in a :class:`FallbackBatch`, pickled by torch's reducers as
+usual, and counted in the training process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data._utils.collate import default_collate
+
+from ._codec import offload_open_unit, pack_envelope
+from ._collate import arena_default_collate, collating_into
+from ._memory import format_bytes
+from ._session import describe_arena, session_for
+
+__all__ = ["ArenaBatch", "ArenaCollate", "FallbackBatch"]
+
+
+def _receive_batch(token: int, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
+    return session_for(token).receive(envelope, nbytes, wait_seconds)
+
+
+def _receive_fallback(token: int, batch: Any, reason: str, wait_seconds: float) -> Any:
+    return session_for(token).receive_fallback(batch, reason, wait_seconds)
+
+
+class ArenaBatch:
+    """What crosses the worker queue for a batch in the arena."""
+
+    __slots__ = ("token", "envelope", "nbytes", "wait_seconds")
+
+    def __init__(self, token: int, envelope: bytes, nbytes: int, wait_seconds: float) -> None:
+        self.token, self.envelope, self.nbytes, self.wait_seconds = token, envelope, nbytes, wait_seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_receive_batch, (self.token, self.envelope, self.nbytes, self.wait_seconds))
+
+
+class FallbackBatch:
+    """A batch sent by torch's default path, tagged so the consumer counts it."""
+
+    __slots__ = ("token", "batch", "reason", "wait_seconds")
+
+    def __init__(self, token: int, batch: Any, reason: str, wait_seconds: float) -> None:
+        self.token, self.batch, self.reason, self.wait_seconds = token, batch, reason, wait_seconds
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_receive_fallback, (self.token, self.batch, self.reason, self.wait_seconds))
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of tensors, arrays and bytes-likes in a (nested) batch, for messages."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, (bytes, bytearray)):
+        return len(obj)
+    if isinstance(obj, memoryview):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    return 0
+
+
+class ArenaCollate:
+    """Collate function run in each worker: batch into the arena, envelope out.
+
+    Holds no reference to the loader or its iterator (a cycle there would
+    delay worker shutdown until the garbage collector runs).
+    """
+
+    def __init__(
+        self,
+        collate_fn: Callable[[Any], Any],
+        arena: Any,
+        *,
+        threshold: int,
+        overflow: str,
+        timeout: float,
+        slots_hint: int,
+    ) -> None:
+        self.collate_fn = collate_fn
+        self.arena = arena
+        self.threshold = threshold
+        self.overflow = overflow
+        self.timeout = timeout
+        self.slots_hint = slots_hint
+        self._into_arena = collate_fn is default_collate
+        self._writer: Any = None
+        self._writer_pid = -1
+        self._next_timeout = timeout
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_writer"], state["_writer_pid"] = None, -1
+        return state
+
+    def _open_writer(self) -> Any:
+        if self._writer is None or self._writer_pid != os.getpid():
+            self._writer = self.arena.open_writer()
+            self._writer_pid = os.getpid()
+        return self._writer
+
+    def __call__(self, data: Any) -> Any:
+        writer = self._open_writer()
+        token = writer.token
+        started = time.monotonic()
+        try:
+            writer.begin_unit(timeout=self._next_timeout)
+        except BufferError as exc:
+            # Every segment is held: wait no more until one frees up again, so a
+            # loop that keeps all its batches does not pay the timeout per batch.
+            self._next_timeout = 0.0
+            return self._fall_back(data, None, str(exc), time.monotonic() - started, held=True)
+        self._next_timeout = self.timeout
+        batch = None
+        try:
+            if self._into_arena:
+                with collating_into(writer, self.threshold):
+                    batch = arena_default_collate(data)
+            else:
+                batch = self.collate_fn(data)
+            body, nbytes = offload_open_unit(batch, writer, self.threshold)
+            span = writer.commit_unit()
+        except BufferError as exc:
+            writer.abort_unit()
+            if self._into_arena:
+                batch = None  # its tensors pointed into the aborted unit
+            return self._fall_back(data, batch, str(exc), writer.last_wait_seconds)
+        except BaseException:
+            writer.abort_unit()
+            raise
+        return ArenaBatch(token, pack_envelope(token, span, body), nbytes, writer.last_wait_seconds)
+
+    def _fall_back(self, data: Any, batch: Any, cause: str, waited: float, held: bool = False) -> Any:
+        if batch is None:
+            batch = self.collate_fn(data)
+        need = payload_bytes(batch)
+        reason = (
+            f"{cause.rstrip('.')}. The batch holds {format_bytes(need)}; the loader's arena is "
+            f"{describe_arena(self.arena)}"
+        )
+        if held:
+            advice = (
+                "; the training loop keeps batches alive, so keep fewer of them (or copy what "
+                "you keep), or give the arena room for the batches you keep as well, e.g. "
+                f"arena_budget >= {format_bytes(need)} × ({self.slots_hint} + batches kept)"
+            )
+        else:
+            advice = (
+                f"; give it room for every batch in flight, e.g. arena_budget >= "
+                f"{format_bytes(need * self.slots_hint)} ({self.slots_hint} × the batch)"
+            )
+        if self.overflow == "raise":
+            raise BufferError(
+                f"torch_arena: batch did not fit the arena: {reason}{advice}, or pass "
+                "arena_overflow='fallback' to send such batches through torch's default path"
+            )
+        return FallbackBatch(self._writer.token, batch, reason + advice, waited)
