@@ -9,6 +9,9 @@ from ._codec import DEFAULT_THRESHOLD, offload, restore
 from ._dataloader import ArenaDataLoader
 from ._handlers import PayloadHandler, register_handler, unregister_handler
 from ._pool import SharedMemorySegmentPool
+from ._reducer import arena_reducer
+from ._reducer import install as install_reducer
+from ._reducer import uninstall as uninstall_reducer
 from ._ring import SharedMemoryRingBuffer
 from ._session import ArenaFallbackWarning, ArenaStats
 
@@ -18,6 +21,9 @@ __all__ = [
     "ArenaFallbackWarning",
     "ArenaStats",
     "PayloadHandler",
+    "arena_reducer",
+    "install_reducer",
+    "uninstall_reducer",
     "SharedMemoryRingBuffer",
     "SharedMemorySegmentPool",
     "offload",

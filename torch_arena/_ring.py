@@ -96,7 +96,10 @@ class SharedMemoryRingBuffer(ArenaBase):
             header[_TAIL] = entry[_END]
             header[_TAIL_SEQ] += 1
         if header[_TAIL_SEQ] == header[_HEAD_SEQ]:
-            header[_TAIL] = header[_HEAD]
+            # Empty: restart at the next wrap boundary, so the whole capacity is
+            # one free run again (a unit must not straddle the end of the ring).
+            head = int(header[_HEAD])
+            header[_TAIL] = header[_HEAD] = head + (-head % self._size)
 
     def _note_usage(self, header: np.ndarray, units_delta: int) -> None:
         in_use = int(header[_HEAD] - header[_TAIL])
@@ -211,10 +214,12 @@ class RingWriter:
             raise RuntimeError("no open unit: call begin_unit() first")
         ring, state = self._ring, self._state
         need = align_up(max(nbytes, 1))
-        if need > ring._size:
+        unit_bytes = sum(hi - lo for lo, hi in self._ranges) + need
+        if unit_bytes > ring._size:
+            # Waiting cannot help: the unit alone is larger than the whole ring.
             raise BufferError(
-                f"a binary of {format_bytes(nbytes)} ({nbytes} bytes) does not fit a ring of "
-                f"{format_bytes(ring.capacity)} ({ring.capacity} bytes); raise capacity"
+                f"a unit of at least {format_bytes(unit_bytes)} ({unit_bytes} bytes) does not fit "
+                f"a ring of {format_bytes(ring.capacity)} ({ring.capacity} bytes); raise capacity"
             )
         start = time.monotonic()
         pid = os.getpid()

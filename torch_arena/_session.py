@@ -22,6 +22,7 @@ from ._codec import restore
 from ._memory import PAGE_SIZE, available_memory, format_bytes
 from ._pool import SharedMemorySegmentPool
 from ._ring import SharedMemoryRingBuffer
+from ._sync import pid_alive
 
 __all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "default_budget"]
 
@@ -139,8 +140,6 @@ class ArenaSession:
         if reclaim is None or self.arena.closed or not self._dead_workers:
             return
         reclaim(sorted(self._dead_workers))
-        from ._sync import pid_alive
-
         self._dead_workers = {p for p in self._dead_workers if pid_alive(p)}
 
     def snapshot(self) -> ArenaStats:

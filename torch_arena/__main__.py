@@ -1,0 +1,32 @@
+"""Command line: ``python -m torch_arena {demo,bench,doctor}``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """Run one subcommand; returns the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python -m torch_arena",
+        description="Shared-memory arenas for the PyTorch DataLoader.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="quick stock vs ring vs pool comparison on synthetic data", add_help=False)
+    sub.add_parser("bench", help="the full A/B transport benchmark (table, CSV, PNG)", add_help=False)
+    sub.add_parser("doctor", help="platform facts that matter and recommended arena sizes", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from ._demo import main as run
+    elif args.command == "bench":
+        from ._bench import main as run
+    else:
+        from ._doctor import main as run
+    return int(run(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
