@@ -44,6 +44,20 @@ def align_up(n: int, alignment: int = ALIGN) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
+class CopyingWriter:
+    """``write_binary`` for writers that can ``allocate`` (the protocol's one copy)."""
+
+    def allocate(self, nbytes: int) -> tuple[int, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def write_binary(self, data: Any) -> tuple[int, int]:
+        """Copy one contiguous bytes-like object into the unit; returns ``(offset, nbytes)``."""
+        src = np.frombuffer(data, dtype=np.uint8)
+        offset, dst = self.allocate(src.nbytes)
+        np.copyto(dst, src)
+        return offset, src.nbytes
+
+
 class _Files:
     """The descriptors of one arena in one process; closed when dropped."""
 

@@ -160,14 +160,6 @@ class MemoryMapping:
         """
         return np.frombuffer(self.mmap, dtype=np.uint8, count=nbytes, offset=offset)
 
-    def close(self) -> None:
-        """Unmap now if nothing else points into the memory; otherwise leave it to GC."""
-        self.array = None  # type: ignore[assignment]
-        try:
-            self.mmap.close()
-        except BufferError:
-            pass  # live views: the mapping goes when the last one does
-
 
 def map_memory_file(fd: int, nbytes: int) -> MemoryMapping:
     """Map ``nbytes`` of the memory file ``fd`` read-write into this process."""

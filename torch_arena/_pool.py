@@ -33,6 +33,7 @@ from ._base import (
     WRITING,
     ArenaBase,
     ArenaState,
+    CopyingWriter,
     align_up,
 )
 from ._memory import PAGE_SIZE, format_bytes
@@ -219,7 +220,7 @@ class _PoolGeometry:
         self.count = pool.count
 
 
-class PoolWriter:
+class PoolWriter(CopyingWriter):
     """Producer endpoint of a :class:`SharedMemorySegmentPool`."""
 
     def __init__(self, pool: SharedMemorySegmentPool) -> None:
@@ -265,13 +266,6 @@ class PoolWriter:
         self._used = end
         offset = self._base + start
         return offset, self._geo.state.data_view(offset, nbytes)
-
-    def write_binary(self, data: Any) -> tuple[int, int]:
-        """Copy one contiguous bytes-like object into the unit; returns ``(offset, nbytes)``."""
-        src = np.frombuffer(data, dtype=np.uint8)
-        offset, dst = self.allocate(src.nbytes)
-        np.copyto(dst, src)
-        return offset, src.nbytes
 
     def locate(self, address: int, nbytes: int) -> int | None:
         """Offset of memory already inside the open unit, else ``None`` (no copy needed)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import BACKEND_SLOT, FILLED, FREE, H_BYTES, H_UNITS, HELD, WRITING, ArenaBase, ArenaState, align_up
+from ._base import BACKEND_SLOT, FILLED, FREE, H_BYTES, H_UNITS, HELD, WRITING, ArenaBase, ArenaState, CopyingWriter, align_up
 from ._memory import format_bytes
 from ._pool import _check_positive_int, _check_timeout
 from ._sync import pid_alive
@@ -179,7 +179,7 @@ def _rebuild_ring(state: ArenaState, capacity: int, timeout: float) -> SharedMem
     return ring
 
 
-class RingWriter:
+class RingWriter(CopyingWriter):
     """Producer endpoint of a :class:`SharedMemoryRingBuffer`."""
 
     def __init__(self, ring: SharedMemoryRingBuffer) -> None:
@@ -258,13 +258,6 @@ class RingWriter:
         else:
             self._ranges.append((offset, offset + need))
         return offset, state.data_view(offset, nbytes)
-
-    def write_binary(self, data: Any) -> tuple[int, int]:
-        """Copy one contiguous bytes-like object into the unit; returns ``(offset, nbytes)``."""
-        src = np.frombuffer(data, dtype=np.uint8)
-        offset, dst = self.allocate(src.nbytes)
-        np.copyto(dst, src)
-        return offset, src.nbytes
 
     def locate(self, address: int, nbytes: int) -> int | None:
         """Offset of memory already inside the open unit, else ``None``."""

@@ -52,10 +52,8 @@ class ProcessLock:
             self._use_flock = False
         self._pid = pid
 
-    def acquire(self) -> None:
-        """Block until this thread holds the lock."""
-        self._ensure_process_state()
-        self._thread_lock.acquire()
+    def _lock_file(self) -> None:
+        # Called with the thread lock held; gives it back if the file lock fails.
         try:
             if self._use_flock:
                 fcntl.flock(self._ofd, fcntl.LOCK_EX)
@@ -65,19 +63,18 @@ class ProcessLock:
             self._thread_lock.release()
             raise
 
+    def acquire(self) -> None:
+        """Block until this thread holds the lock."""
+        self._ensure_process_state()
+        self._thread_lock.acquire()
+        self._lock_file()
+
     def try_acquire_thread(self) -> bool:
         """Take the lock only if no thread of this process holds it right now."""
         self._ensure_process_state()
         if not self._thread_lock.acquire(blocking=False):
             return False
-        try:
-            if self._use_flock:
-                fcntl.flock(self._ofd, fcntl.LOCK_EX)
-            else:  # pragma: no cover
-                fcntl.lockf(self._ofd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
+        self._lock_file()
         return True
 
     def release(self) -> None:
