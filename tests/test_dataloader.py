@@ -373,3 +373,26 @@ def test_start_methods(method, arena):
         for a, b in zip(epoch, expected[0]):
             assert_same(a, b)
     assert loader.arena_stats.batches == 12 and loader.arena_stats.fallbacks == 0
+
+
+def test_release_arena_stops_live_iterators_and_frees_the_arena():
+    loader = ta.ArenaDataLoader(Samples(), batch_size=2, num_workers=2, arena_budget=SMALL_BUDGET)
+    it = iter(loader)
+    next(it)
+    workers = list(it._workers)
+    arena = loader._arena_session.arena
+    loader.release_arena()
+    assert not any(w.is_alive() for w in workers)
+    assert arena.closed and loader._arena_session is None
+    assert len(collect(loader)[0]) == 12  # a fresh arena next time
+
+
+def test_session_inherited_through_fork_is_replaced_not_closed():
+    loader = ta.ArenaDataLoader(Samples(), batch_size=4, num_workers=2, arena_budget=SMALL_BUDGET)
+    next(iter(loader))
+    inherited = loader._arena_session
+    inherited.pid = -1  # as if this process were a fork child of the loader's creator
+    assert len(collect(loader)[0]) == 6
+    assert loader._arena_session is not inherited
+    assert not inherited.arena.closed
+    inherited.close()

@@ -18,6 +18,8 @@ kept for the loader's later iterators.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -110,6 +112,7 @@ class ArenaDataLoader(DataLoader):
             raise ValueError(f"arena_threshold must be an int >= 0, got {arena_threshold!r}")
         self._arena_session: ArenaSession | None = None
         self._arena_session_key: tuple[Any, ...] | None = None
+        self._arena_iterators: weakref.WeakSet[Any] = weakref.WeakSet()
         super().__init__(
             dataset,
             batch_size,
@@ -143,7 +146,12 @@ class ArenaDataLoader(DataLoader):
         state["_arena_session"] = None
         state["_arena_session_key"] = None
         state["_iterator"] = None
+        state["_arena_iterators"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__["_arena_iterators"] = weakref.WeakSet()
 
     @property
     def uses_arena(self) -> bool:
@@ -164,8 +172,7 @@ class ArenaDataLoader(DataLoader):
         An arena instance passed in by the user is not closed. The next
         iteration makes a fresh arena.
         """
-        iterator = self._iterator
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        for iterator in list(self._arena_iterators):
             iterator._shutdown_workers()
         self._iterator = None
         session, self._arena_session = self._arena_session, None
@@ -179,7 +186,9 @@ class ArenaDataLoader(DataLoader):
         arena_key = self.arena if isinstance(self.arena, str) else id(self.arena)
         key = (arena_key, self.arena_budget, slots, self.arena_timeout)
         session = self._arena_session
-        if session is not None and (self._arena_session_key != key or session.arena.closed):
+        if session is not None and session.pid != os.getpid():
+            session = None  # inherited through fork (ddp_fork): the parent's, not ours to close
+        elif session is not None and (self._arena_session_key != key or session.arena.closed):
             session.close()
             session = None
         if session is None:
@@ -196,7 +205,9 @@ class ArenaDataLoader(DataLoader):
         if not self.uses_arena:
             return super()._get_iterator()
         self.check_worker_number_rationality()
-        return _ArenaMultiProcessingDataLoaderIter(self)
+        iterator = _ArenaMultiProcessingDataLoaderIter(self)
+        self._arena_iterators.add(iterator)
+        return iterator
 
 
 class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
@@ -228,6 +239,11 @@ class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
         self.__dict__["_collate_fn"] = collate_fn
 
     def _shutdown_workers(self) -> None:
+        if "_shutdown" not in self.__dict__:
+            # __init__ failed before torch's part ran (e.g. MemoryError making
+            # the arena): no worker exists; torch's __del__ would otherwise
+            # print an AttributeError under the user's real error.
+            return
         pids = [w.pid for w in getattr(self, "_workers", ())]
         try:
             super()._shutdown_workers()

@@ -91,6 +91,7 @@ class ArenaSession:
         self.arena = arena
         self.owned = owned
         self.slots = slots
+        self.pid = os.getpid()
         self.token = arena.token
         self.stats = ArenaStats()
         self._reader: Any = None
