@@ -145,6 +145,11 @@ class _RestoreUnpickler(pickle.Unpickler):
         self._unit = unit
         self._memo: dict[tuple[str, int, int], Any] = {}
 
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name == "_rebuild_tensor_v3":
+            return _handlers.StorageHandler.rebuild_tensor_v3
+        return super().find_class(module, name)
+
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == _PID_TAG):
             raise ValueError(f"corrupt envelope: unexpected reference {pid!r}")
@@ -152,16 +157,22 @@ class _RestoreUnpickler(pickle.Unpickler):
         if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
             raise ValueError(f"corrupt envelope: bad offset/size {offset!r}/{nbytes!r}")
         handler = _handlers.handler_of_kind(kind)
-        key = (kind, offset, nbytes)
-        restored = self._memo.get(key)
+        wrap = getattr(handler, "wrap", None)
+        # Handlers without ``wrap`` rebuild from ``meta``: two objects over the same
+        # bytes (an array and a reshape or dtype view of it) must not come back as one.
+        key: Any = (kind, offset, nbytes) if wrap is not None else (kind, offset, nbytes, meta)
+        try:
+            restored = self._memo.get(key)
+        except TypeError:  # unhashable meta from a user handler: nothing to share
+            key, restored = None, None
         if restored is None:
             view = self._unit.view(offset, nbytes)
             zero_copy = self._unit.zero_copy
             if not zero_copy and not getattr(handler, "copies_out", False):
                 view = memoryview(bytearray(view))  # user handlers get a private copy
             restored = handler.from_buffer(view, meta, zero_copy)
-            self._memo[key] = restored
-        wrap = getattr(handler, "wrap", None)
+            if key is not None:
+                self._memo[key] = restored
         return wrap(restored, meta) if wrap is not None else restored
 
 
@@ -198,7 +209,14 @@ def restore(envelope: bytes, reader: Any) -> Any:
     unit = open_unit(span) if open_unit is not None else _ProtocolUnit(reader, span)
     try:
         return _RestoreUnpickler(io.BytesIO(body), unit).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:
+        # Whatever a damaged pickle stream makes the unpickler or a rebuild
+        # function raise (UnicodeDecodeError, "unsupported pickle protocol",
+        # torch's "storage that is not resizable", ...) is one clear error.
+        if isinstance(exc, ValueError) and "envelope" in str(exc):
+            raise
         raise ValueError(f"corrupt envelope: {type(exc).__name__}: {exc}") from exc
     finally:
         unit.finish()

@@ -71,7 +71,7 @@ class BytesHandler:
 
     def matches(self, obj: object, threshold: int) -> bool:
         if isinstance(obj, memoryview):
-            return obj.nbytes >= threshold
+            return True  # pickle cannot inline a memoryview: it always travels in the arena
         return isinstance(obj, (bytes, bytearray)) and len(obj) >= threshold
 
     def get_buffer(self, obj: Any) -> tuple[Any, Any]:
@@ -132,7 +132,10 @@ class StorageHandler:
         if type(obj) is TypedStorage:
             untyped = obj._untyped_storage  # type: ignore[attr-defined]
         elif type(obj) is UntypedStorage:
-            untyped = obj
+            # Tensors of the dtypes without a typed storage (uint16/32/64, float8,
+            # complex32) pickle a bare UntypedStorage, which torch itself cannot
+            # unpickle: offload those at any size.
+            return obj.device.type == "cpu"
         else:
             return False
         return untyped.device.type == "cpu" and untyped.nbytes() >= threshold
@@ -154,6 +157,15 @@ class StorageHandler:
             private.numpy()[...] = flat
             untyped = private.untyped_storage()
         return untyped
+
+    @staticmethod
+    def rebuild_tensor_v3(storage: Any, *args: Any) -> object:
+        """torch's ``_rebuild_tensor_v3``, which expects the storage it is given to
+        have ``_untyped_storage``; what comes back from the arena for the dtypes
+        without a typed storage is a plain UntypedStorage."""
+        if isinstance(storage, UntypedStorage):
+            storage = TypedStorage(wrap_storage=storage, dtype=torch.uint8, _internal=True)
+        return torch._utils._rebuild_tensor_v3(storage, *args)
 
     @staticmethod
     def wrap(untyped: Any, meta: Any) -> object:

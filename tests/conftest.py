@@ -1,0 +1,202 @@
+"""Shared fixtures and helpers for the torch_arena test suite.
+
+Helpers are plain functions so test modules can ``from conftest import ...``
+them (the tests directory is on ``sys.path`` under pytest's default import
+mode, and spawn/forkserver children inherit that path).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import warnings
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+_SHM = "/dev/shm"
+
+
+def _shm_listing() -> set[str]:
+    try:
+        return set(os.listdir(_SHM))
+    except FileNotFoundError:  # pragma: no cover - no /dev/shm on this system
+        return set()
+
+
+def _live_semaphores() -> set[str]:
+    """/dev/shm names of multiprocessing semaphores still alive in this process.
+
+    Under spawn/forkserver a ``multiprocessing`` lock keeps its name until the
+    object is collected or the process exits (its finalizer unlinks it then), so
+    one still referenced, say, by a failed test's traceback is not a leftover.
+    """
+    from multiprocessing import synchronize
+
+    names = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() pokes torch's deprecated module attributes
+        for obj in gc.get_objects():
+            if isinstance(obj, synchronize.SemLock):
+                name = getattr(getattr(obj, "_semlock", None), "name", None)
+                if name:
+                    names.add("sem." + name.lstrip("/"))
+    return names
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shm_leftovers():
+    """The whole session must leave nothing new behind in /dev/shm."""
+    before = _shm_listing()
+    yield
+    gc.collect()
+    # give a finishing child process a moment before looking
+    deadline = time.monotonic() + 5.0
+    while True:
+        new = _shm_listing() - before - _live_semaphores()
+        if not new or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not new, f"entries left behind in {_SHM}: {sorted(new)}"
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def data_region(arena: Any) -> np.ndarray:
+    """A ``uint8`` view of the arena's whole data region in this process."""
+    state = arena.state
+    return state.mapping.array[state.header_bytes : state.total_bytes]
+
+
+def address_of(obj: Any) -> int:
+    """The address of the first byte of a numpy array / tensor / buffer."""
+    if isinstance(obj, torch.Tensor):
+        return obj.data_ptr()
+    if isinstance(obj, np.ndarray):
+        return int(obj.ctypes.data)
+    return int(np.frombuffer(obj, dtype=np.uint8).ctypes.data)
+
+
+def inside_arena(arena: Any, obj: Any) -> bool:
+    """Whether ``obj``'s memory lies in ``arena``'s data region (zero-copy)."""
+    region = data_region(arena)
+    start = int(region.ctypes.data)
+    addr = address_of(obj)
+    return start <= addr < start + region.nbytes
+
+
+def arena_bytes_at(arena: Any, obj: Any, nbytes: int) -> np.ndarray:
+    """``nbytes`` of the arena's memory at the address where ``obj`` starts."""
+    region = data_region(arena)
+    rel = address_of(obj) - int(region.ctypes.data)
+    assert 0 <= rel and rel + nbytes <= region.nbytes, "object is not inside the arena"
+    return region[rel : rel + nbytes]
+
+
+def crc(obj: Any) -> int:
+    """CRC32 of the raw bytes of a numpy array / tensor / bytes-like."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().contiguous().reshape(-1)
+        return zlib.crc32(t.view(torch.uint8).numpy().tobytes()) if t.numel() else 0
+    if isinstance(obj, np.ndarray):
+        return zlib.crc32(np.ascontiguousarray(obj).tobytes())
+    return zlib.crc32(memoryview(obj).cast("B").tobytes() if isinstance(obj, memoryview) else bytes(obj))
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's elements in logical (C) order, any dtype, 0-d too."""
+    flat = t.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def assert_same(a: Any, b: Any, path: str = "item") -> None:
+    """Deep equality that also checks types, dtypes, shapes and exact bytes.
+
+    ``b`` is the restored value. bytes-likes restored from a pool come back as
+    memoryviews; that is accepted (the contents must still match).
+    """
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{path}: {type(b)} is not a tensor"
+        assert type(b) is type(a), f"{path}: {type(b)} != {type(a)}"
+        assert b.dtype == a.dtype, f"{path}: dtype {b.dtype} != {a.dtype}"
+        assert b.shape == a.shape, f"{path}: shape {b.shape} != {a.shape}"
+        assert b.requires_grad == a.requires_grad, f"{path}: requires_grad differs"
+        assert tensor_bytes(b) == tensor_bytes(a), f"{path}: tensor contents differ"
+    elif isinstance(a, np.ndarray):
+        assert type(b) is np.ndarray, f"{path}: {type(b)} is not an ndarray"
+        assert b.dtype == a.dtype, f"{path}: dtype {b.dtype} != {a.dtype}"
+        assert b.shape == a.shape, f"{path}: shape {b.shape} != {a.shape}"
+        assert np.ascontiguousarray(b).tobytes() == np.ascontiguousarray(a).tobytes(), (
+            f"{path}: array contents differ"
+        )
+    elif isinstance(a, (bytes, bytearray, memoryview)):
+        assert isinstance(b, (bytes, bytearray, memoryview)), f"{path}: {type(b)} is not bytes-like"
+        ab = a.tobytes() if isinstance(a, memoryview) else bytes(a)
+        bb = b.tobytes() if isinstance(b, memoryview) else bytes(b)
+        assert ab == bb, f"{path}: bytes differ"
+    elif isinstance(a, dict):
+        assert type(b) is type(a) and list(b) == list(a), f"{path}: keys {list(b)} != {list(a)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(b) is type(a), f"{path}: {type(b)} != {type(a)}"
+        assert len(b) == len(a), f"{path}: length {len(b)} != {len(a)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif hasattr(a, "__dataclass_fields__"):
+        assert type(b) is type(a), f"{path}: {type(b)} != {type(a)}"
+        for name in a.__dataclass_fields__:
+            assert_same(getattr(a, name), getattr(b, name), f"{path}.{name}")
+    else:
+        assert type(b) is type(a) and b == a, f"{path}: {b!r} != {a!r}"
+
+
+def in_child(fn) -> int:
+    """Run ``fn()`` in a forked child that leaves with ``os._exit``; returns its pid (reaped)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 1
+        try:
+            fn()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "child failed"
+    return pid
+
+
+def collect() -> None:
+    """Run the garbage collector (finalizers release pool segments)."""
+    gc.collect()
+
+
+@pytest.fixture
+def pool():
+    """A small segment pool: 4 segments of 1 MiB, 2 s acquire timeout."""
+    import torch_arena as ta
+
+    arena = ta.SharedMemorySegmentPool(1 << 20, 4, acquire_timeout=2.0)
+    yield arena
+    arena.close()
+
+
+@pytest.fixture
+def ring():
+    """A 4 MiB ring buffer (default acquire_timeout=0)."""
+    import torch_arena as ta
+
+    arena = ta.SharedMemoryRingBuffer(4 << 20)
+    yield arena
+    arena.close()
+
+
+@pytest.fixture(params=["pool", "ring"])
+def arena(request):
+    """Each backend in turn."""
+    return request.getfixturevalue(request.param)
