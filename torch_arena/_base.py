@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ._memory import PAGE_SIZE, create_memory_file, detach_fd, map_memory_file, share_fd
-from ._sync import ProcessLock, Wakeup
+from ._sync import ProcessLock, Wakeup, current_pid
 
 MAGIC = 0x5441_5245_4E41_0001  # "TARENA", layout version 1
 # Common header slots (int64 each); backends use slots from BACKEND_SLOT on.
@@ -63,7 +63,7 @@ class _Files:
 
     def __init__(self, memory_fd: int, read_fd: int, write_fd: int) -> None:
         self.memory_fd, self.read_fd, self.write_fd = memory_fd, read_fd, write_fd
-        self.pid = os.getpid()
+        self.pid = current_pid()
 
     def __del__(self) -> None:
         close = getattr(os, "close", None)
@@ -110,7 +110,7 @@ class ArenaState:
         """This process's mapping of the whole file (made on first use)."""
         if self._mapping is None:
             self._mapping = map_memory_file(self.files.memory_fd, self.total_bytes)
-            self._mapping_pid = os.getpid()
+            self._mapping_pid = current_pid()
         return self._mapping
 
     @property

@@ -139,6 +139,12 @@ class _ProtocolUnit:
         self._reader.end_unit(self._span, [*self._pinned, *pinned])
 
 
+_TENSOR_REBUILDERS = {
+    "_rebuild_tensor_v2": _handlers.StorageHandler.rebuild_tensor_v2,
+    "_rebuild_tensor_v3": _handlers.StorageHandler.rebuild_tensor_v3,
+}
+
+
 class _RestoreUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, unit: Any) -> None:
         super().__init__(file)
@@ -146,8 +152,8 @@ class _RestoreUnpickler(pickle.Unpickler):
         self._memo: dict[tuple[str, int, int], Any] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v3":
-            return _handlers.StorageHandler.rebuild_tensor_v3
+        if module == "torch._utils" and name in _TENSOR_REBUILDERS:
+            return _TENSOR_REBUILDERS[name]
         return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:

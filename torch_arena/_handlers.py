@@ -168,6 +168,32 @@ class StorageHandler:
         return torch._utils._rebuild_tensor_v3(storage, *args)
 
     @staticmethod
+    def rebuild_tensor_v2(
+        storage: Any,
+        storage_offset: int,
+        size: Any,
+        stride: Any,
+        requires_grad: bool,
+        backward_hooks: Any,
+        metadata: Any = None,
+    ) -> object:
+        """torch's ``_rebuild_tensor_v2`` for the storages the arena hands back.
+
+        Same result, minus torch's fake-tensor-mode probe, which walks the
+        pytree machinery on every call (about half of a restore's time) and
+        only matters for tensors pickled from a fake device, which never
+        reach an arena.
+        """
+        untyped = storage._untyped_storage
+        tensor = torch.empty((0,), dtype=storage.dtype, device=untyped.device)
+        tensor.set_(untyped, storage_offset, size, stride)
+        tensor.requires_grad = requires_grad
+        if metadata:
+            torch._utils.set_tensor_metadata(tensor, metadata)
+        tensor._backward_hooks = backward_hooks
+        return tensor
+
+    @staticmethod
     def wrap(untyped: Any, meta: Any) -> object:
         """The storage type torch's pickling asked for (typed or untyped)."""
         if meta is None:

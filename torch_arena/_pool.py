@@ -18,7 +18,6 @@ returned with :meth:`SharedMemorySegmentPool.reclaim`.
 from __future__ import annotations
 
 import functools
-import os
 import time
 import weakref
 from typing import Any
@@ -37,7 +36,7 @@ from ._base import (
     align_up,
 )
 from ._memory import PAGE_SIZE, format_bytes
-from ._sync import pid_alive
+from ._sync import current_pid, pid_alive
 
 __all__ = ["SharedMemorySegmentPool"]
 
@@ -119,7 +118,7 @@ class SharedMemorySegmentPool(ArenaBase):
 
     def _acquire(self, timeout: float) -> tuple[int, int, float]:
         state = self.state
-        pid = os.getpid()
+        pid = current_pid()
         start = time.monotonic()
         while True:
             with state.locked() as header:
@@ -198,7 +197,7 @@ def _rebuild_pool(state: ArenaState, segment_size: int, count: int, timeout: flo
 
 def _release_segment(pool_ref: "_PoolGeometry", seg: int, gen: int, pid: int) -> None:
     """Free a restored segment (called with the lock held)."""
-    if os.getpid() != pid:
+    if current_pid() != pid:
         return  # a fork child's copy of a parent's view: not ours to release
     header = pool_ref.state.header
     row = header[BACKEND_SLOT + _FIELDS * seg : BACKEND_SLOT + _FIELDS * (seg + 1)]
@@ -333,7 +332,7 @@ class PoolUnit:
             except TypeError:
                 continue  # cannot be tracked; the lease covers views derived from us
             anchors.append(anchor)
-        release = functools.partial(_release_segment, self._geo, self.seg, self.gen, os.getpid())
+        release = functools.partial(_release_segment, self._geo, self.seg, self.gen, current_pid())
         remaining = [len(anchors)]
         state = self._geo.state
 
@@ -375,7 +374,7 @@ class PoolReader:
                     f"read (it is {_STATE_NAMES.get(int(row[_STATE]), '?')}, generation {int(row[_GEN])}); "
                     "an envelope can be restored once"
                 )
-            row[_STATE], row[_OWNER] = HELD, os.getpid()
+            row[_STATE], row[_OWNER] = HELD, current_pid()
             used = int(row[_USED])
         return PoolUnit(self._geo, seg, gen, used)
 

@@ -19,7 +19,6 @@ pool does.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 from ._base import BACKEND_SLOT, FILLED, FREE, H_BYTES, H_UNITS, HELD, WRITING, ArenaBase, ArenaState, CopyingWriter, align_up
 from ._memory import format_bytes
 from ._pool import _check_positive_int, _check_timeout
-from ._sync import pid_alive
+from ._sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryRingBuffer"]
 
@@ -222,7 +221,7 @@ class RingWriter(CopyingWriter):
                 f"a ring of {format_bytes(ring.capacity)} ({ring.capacity} bytes); raise capacity"
             )
         start = time.monotonic()
-        pid = os.getpid()
+        pid = current_pid()
         while True:
             with state.locked() as header:
                 if state.shut_down:

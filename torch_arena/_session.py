@@ -12,7 +12,6 @@ by the arena's token in this process's registry.
 from __future__ import annotations
 
 import dataclasses
-import os
 import threading
 import warnings
 import weakref
@@ -22,7 +21,7 @@ from ._codec import restore
 from ._memory import PAGE_SIZE, available_memory, format_bytes
 from ._pool import SharedMemorySegmentPool
 from ._ring import SharedMemoryRingBuffer
-from ._sync import pid_alive
+from ._sync import current_pid, pid_alive
 
 __all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "default_budget"]
 
@@ -91,7 +90,7 @@ class ArenaSession:
         self.arena = arena
         self.owned = owned
         self.slots = slots
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.token = arena.token
         self.stats = ArenaStats()
         self._reader: Any = None
@@ -104,9 +103,9 @@ class ArenaSession:
     @property
     def reader(self) -> Any:
         """This process's reader endpoint (opened on first use)."""
-        if self._reader is None or self._reader_pid != os.getpid():
+        if self._reader is None or self._reader_pid != current_pid():
             self._reader = self.arena.open_reader()
-            self._reader_pid = os.getpid()
+            self._reader_pid = current_pid()
         return self._reader
 
     def receive(self, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
@@ -140,6 +139,11 @@ class ArenaSession:
         reclaim = getattr(self.arena, "reclaim", None)
         if reclaim is None or self.arena.closed or not self._dead_workers:
             return
+        if not _lock_free_here(self.arena):
+            # Called by the garbage collector (an abandoned iterator's __del__)
+            # inside one of this thread's own arena calls: taking the lock would
+            # deadlock. The pids are kept; the next iterator reclaims them.
+            return
         reclaim(sorted(self._dead_workers))
         self._dead_workers = {p for p in self._dead_workers if pid_alive(p)}
 
@@ -161,6 +165,17 @@ class ArenaSession:
         self._reader = None
         if self.owned:
             self.arena.close()
+
+
+def _lock_free_here(arena: Any) -> bool:
+    """Whether no thread of this process holds ``arena``'s lock right now."""
+    lock = getattr(getattr(arena, "_state", None), "lock", None)
+    if lock is None or not hasattr(lock, "try_acquire_thread"):
+        return True
+    if not lock.try_acquire_thread():
+        return False
+    lock.release()
+    return True
 
 
 def session_for(token: int) -> ArenaSession:

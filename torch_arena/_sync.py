@@ -22,9 +22,23 @@ import os
 import select
 import threading
 
-__all__ = ["ProcessLock", "Wakeup", "pid_alive"]
+__all__ = ["ProcessLock", "Wakeup", "current_pid", "pid_alive"]
 
 _WAIT_SLICE_S = 0.05
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def current_pid() -> int:
+    """This process's id, without a system call per use (kept right across fork)."""
+    return _pid
 
 
 class ProcessLock:
@@ -37,7 +51,7 @@ class ProcessLock:
         self._thread_lock = threading.Lock()
 
     def _ensure_process_state(self) -> None:
-        pid = os.getpid()
+        pid = _pid
         if self._pid == pid:
             return
         # A new process (fork child or unpickled copy): the inherited thread lock
@@ -79,15 +93,20 @@ class ProcessLock:
 
     def release(self) -> None:
         """Release a lock taken with :meth:`acquire` or :meth:`try_acquire_thread`."""
-        if self._use_flock:
-            fcntl.flock(self._ofd, fcntl.LOCK_UN)
-        else:  # pragma: no cover
-            fcntl.lockf(self._ofd, fcntl.LOCK_UN)
-        self._thread_lock.release()
+        try:
+            if self._use_flock:
+                fcntl.flock(self._ofd, fcntl.LOCK_UN)
+            else:  # pragma: no cover
+                fcntl.lockf(self._ofd, fcntl.LOCK_UN)
+        finally:
+            # A KeyboardInterrupt raised by the signal handler right after the
+            # unlock must not leave the thread lock held: the next acquire in
+            # this thread would wait forever.
+            self._thread_lock.release()
 
     def close(self) -> None:
         """Close this process's private descriptor (the shared one is not ours)."""
-        if self._pid == os.getpid() and self._ofd >= 0 and self._ofd != self._fd:
+        if self._pid == _pid and self._ofd >= 0 and self._ofd != self._fd:
             os.close(self._ofd)
         self._ofd = -1
         self._pid = -1
