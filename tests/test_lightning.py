@@ -157,7 +157,9 @@ def _make_classes(pl: Any, prefix: str) -> tuple[type, type]:
                 report["tracked_sessions"] = sum(
                     dl._arena_session is not None for dl in list(self._arena_tracked())
                 )
-                report["children"] = [p.pid for p in psutil.Process().children(recursive=True)]
+                report["children"] = [
+                    p.pid for p in psutil.Process().children(recursive=True) if not _is_mp_helper(p)
+                ]
                 path = Path(self.out_dir) / f"{report['stage']}-rank{report['rank']}.json"
                 path.write_text(json.dumps(report))
 
@@ -188,6 +190,16 @@ def _trainer(pl: Any, tmp_path: Path, **kwargs: Any) -> Any:
 
 def _read_report(tmp_path: Path, stage: str, rank: int) -> dict[str, Any]:
     return json.loads((tmp_path / f"{stage}-rank{rank}.json").read_text())
+
+
+def _is_mp_helper(proc: Any) -> bool:
+    """multiprocessing's own long-lived helpers (forkserver, resource tracker),
+    which an earlier test in the same session may have started."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+    except Exception:
+        return False
+    return "multiprocessing.forkserver" in cmdline or "multiprocessing.resource_tracker" in cmdline
 
 
 def _wait_no_children(before: set[int], timeout: float = 10.0) -> list[str]:
