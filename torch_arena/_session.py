@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 import warnings
 import weakref
 from typing import Any
@@ -133,12 +134,20 @@ class ArenaSession:
             )
         return batch
 
-    def note_workers_gone(self, pids: "list[int]") -> None:
-        """Return the space of batches these shut-down workers left unread."""
+    def note_workers_gone(self, pids: "list[int]", grace: float = 1.0) -> None:
+        """Return the space of batches these shut-down workers left unread.
+
+        torch terminates a worker that does not stop in time without waiting for
+        it; a worker still alive is given up to ``grace`` seconds to go, and one
+        that outlives that is reclaimed when the next iterator starts.
+        """
         self._dead_workers.update(p for p in pids if p)
         reclaim = getattr(self.arena, "reclaim", None)
         if reclaim is None or self.arena.closed or not self._dead_workers:
             return
+        deadline = time.monotonic() + grace
+        while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
         if not _lock_free_here(self.arena):
             # Called by the garbage collector (an abandoned iterator's __del__)
             # inside one of this thread's own arena calls: taking the lock would

@@ -16,29 +16,43 @@ usual, and counted in the training process.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from torch._utils import ExceptionWrapper
 from torch.utils.data._utils.collate import default_collate
 
 from ._codec import offload_open_unit, pack_envelope
 from ._collate import arena_default_collate, collating_into
 from ._memory import format_bytes
 from ._session import describe_arena, session_for
+from ._sync import current_pid
 
 __all__ = ["ArenaBatch", "ArenaCollate", "FallbackBatch"]
 
 
+_RESTORE_WHERE = "in the training process, restoring a batch from the arena"
+
+
 def _receive_batch(token: int, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
-    return session_for(token).receive(envelope, nbytes, wait_seconds)
+    # Runs inside torch's queue read. An exception escaping from here would
+    # lose the batch: torch would re-raise it once, then wait forever for that
+    # batch index. As an ExceptionWrapper it is raised for this batch with its
+    # type and message, and iteration can go on, as with a worker exception.
+    try:
+        return session_for(token).receive(envelope, nbytes, wait_seconds)
+    except Exception:  # noqa: BLE001 - re-raised for this batch by torch
+        return ExceptionWrapper(where=_RESTORE_WHERE)
 
 
 def _receive_fallback(token: int, batch: Any, reason: str, wait_seconds: float) -> Any:
-    return session_for(token).receive_fallback(batch, reason, wait_seconds)
+    try:
+        return session_for(token).receive_fallback(batch, reason, wait_seconds)
+    except Exception:  # noqa: BLE001 - re-raised for this batch by torch
+        return ExceptionWrapper(where=_RESTORE_WHERE)
 
 
 class ArenaBatch:
@@ -116,9 +130,9 @@ class ArenaCollate:
         return state
 
     def _open_writer(self) -> Any:
-        if self._writer is None or self._writer_pid != os.getpid():
+        if self._writer is None or self._writer_pid != current_pid():
             self._writer = self.arena.open_writer()
-            self._writer_pid = os.getpid()
+            self._writer_pid = current_pid()
         return self._writer
 
     def __call__(self, data: Any) -> Any:

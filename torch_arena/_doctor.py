@@ -1,0 +1,197 @@
+"""``python -m torch_arena doctor``: the platform facts that matter, and arena sizes.
+
+Prints what decides whether the DataLoader's transport works on this machine
+(memfd support, the size of ``/dev/shm``, the memory available and the memory
+cgroup limit, torch's sharing strategy, the open-file limit, the start method,
+versions) and recommends arena sizes for a batch size, ``num_workers`` and
+``prefetch_factor``. ``--json`` prints the same as one JSON object. The exit
+status is 1 when the recommended arena does not fit in the memory available
+or memfd cannot be used, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from ._memory import PAGE_SIZE, available_memory, create_memory_file, format_bytes
+from ._session import DEFAULT_BATCH_ROOM, HELD_BATCHES, arena_slots
+
+__all__ = ["collect_facts", "main", "recommend"]
+
+#: Room added to a batch for the 64-byte alignment of each of its tensors
+#: (enough for 1,024 tensors) before rounding up to a page.
+ALIGNMENT_ROOM = 64 << 10
+
+
+def _meminfo(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _cgroup_limit() -> tuple[int | None, str]:
+    """The memory cgroup limit in bytes (None: unlimited or unknown) and its source."""
+    for path, label in (
+        ("/sys/fs/cgroup/memory.max", "cgroup v2 memory.max"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "cgroup v1 memory.limit_in_bytes"),
+    ):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < (1 << 60):
+            return int(text), label
+        return None, f"none ({label} is unlimited)"
+    return None, "no memory cgroup found"
+
+
+def _memfd_status() -> tuple[bool, str]:
+    """Whether an anonymous memory file can be created and reserved here."""
+    if not hasattr(os, "memfd_create"):
+        return False, "os.memfd_create is missing: the fallback (shm_open, then unlinked) is used"
+    try:
+        os.close(create_memory_file(PAGE_SIZE, "the doctor's test file"))
+    except (OSError, MemoryError) as exc:
+        return False, f"memfd_create failed: {exc}"
+    return True, "yes (a one-page file was created and reserved)"
+
+
+def collect_facts() -> dict[str, Any]:
+    """Everything the report shows about this machine, as plain values."""
+    memfd_ok, memfd_note = _memfd_status()
+    try:
+        stat = os.statvfs("/dev/shm")
+        shm_size, shm_free = stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
+    except OSError:
+        shm_size = shm_free = None
+    limit, limit_source = _cgroup_limit()
+    available, available_source = available_memory()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return {
+        "torch_arena": __version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "memfd": memfd_ok,
+        "memfd_note": memfd_note,
+        "dev_shm_size": shm_size,
+        "dev_shm_free": shm_free,
+        "mem_available": _meminfo("MemAvailable"),
+        "cgroup_limit": limit,
+        "cgroup_source": limit_source,
+        "arena_available": available,
+        "arena_available_source": available_source,
+        "sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
+        "nofile_soft": soft,
+        "nofile_hard": hard,
+        "start_method": multiprocessing.get_start_method(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def recommend(batch_bytes: int, num_workers: int, prefetch_factor: int, pin_memory: bool = False) -> dict[str, int]:
+    """Arena sizes for batches of at most ``batch_bytes``.
+
+    One slot per batch that can be in flight or held (``arena_slots``); a pool
+    segment is the batch plus :data:`ALIGNMENT_ROOM`, rounded up to a page;
+    the ring and ``arena_budget`` are one segment per slot (the loader splits
+    ``arena_budget`` into exactly those segments).
+    """
+    slots = arena_slots(num_workers, prefetch_factor, pin_memory)
+    segment = -(-(batch_bytes + ALIGNMENT_ROOM) // PAGE_SIZE) * PAGE_SIZE
+    total = segment * slots
+    return {"slots": slots, "segment_size": segment, "count": slots, "ring_capacity": total,
+            "arena_budget": total, "stock_shm_bytes": batch_bytes * slots}
+
+
+def _bytes(n: int | None) -> str:
+    return "unknown" if n is None else format_bytes(n)
+
+
+def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace) -> list[str]:
+    """The human-readable report, one line per entry."""
+    f, budget = facts, rec["arena_budget"]
+    shm = f"{_bytes(f['dev_shm_size'])}, {_bytes(f['dev_shm_free'])} free" if f["dev_shm_size"] else "missing"
+    lines = [
+        "torch_arena doctor",
+        "platform",
+        f"  python            {f['python']} on {f['platform']}, {f['cpu_count']} CPUs",
+        f"  torch / numpy     {f['torch']} / {f['numpy']}",
+        f"  torch_arena       {f['torch_arena']}",
+        "memory",
+        f"  memfd_create      {f['memfd_note']}",
+        f"  /dev/shm          {shm} (torch's default transport uses it; the arena does not)",
+        f"  MemAvailable      {_bytes(f['mem_available'])}",
+        f"  cgroup limit      {_bytes(f['cgroup_limit']) if f['cgroup_limit'] else f['cgroup_source']}",
+        f"  arenas may take   {_bytes(f['arena_available'])} ({f['arena_available_source']})",
+        "multiprocessing",
+        f"  start method      {f['start_method']}",
+        f"  sharing strategy  {f['sharing_strategy']} (torch.multiprocessing.get_sharing_strategy())",
+        f"  open files        {f['nofile_soft']} (hard limit {f['nofile_hard']})",
+        f"recommendation for batches of {format_bytes(args.batch_bytes)}, num_workers={args.num_workers}, "
+        f"prefetch_factor={args.prefetch_factor}" + (", pin_memory=True" if args.pin_memory else ""),
+        f"  slots             {rec['slots']} = {args.num_workers} workers x {args.prefetch_factor} prefetched"
+        f" + {HELD_BATCHES} held by the loop" + (" + 1 pinning" if args.pin_memory else ""),
+        (f"  pool              SharedMemorySegmentPool(segment_size={rec['segment_size']}, count={rec['count']})"
+         f"  # {format_bytes(rec['segment_size'])} each"),
+        f"  ring              SharedMemoryRingBuffer(capacity={rec['ring_capacity']})",
+        (f"  loader            ArenaDataLoader(..., arena='pool' or 'ring', arena_budget={budget})"
+         f"  # {format_bytes(budget)}"),
+    ]
+    warnings = []
+    available = f["arena_available"]
+    if available is not None and budget > available:
+        warnings.append(f"the arena ({format_bytes(budget)}) does not fit in the {format_bytes(available)} "
+                        "available: lower prefetch_factor or num_workers, or make batches smaller")
+    elif available is not None:
+        lines.append(f"  memory            {budget / available:.1%} of the {format_bytes(available)} available")
+    if f["dev_shm_free"] is not None and rec["stock_shm_bytes"] > f["dev_shm_free"]:
+        warnings.append(f"torch's default transport would need about {format_bytes(rec['stock_shm_bytes'])} "
+                        f"of /dev/shm but {format_bytes(f['dev_shm_free'])} is free: the stock DataLoader fails "
+                        "here ('No space left on device', then a hang); the arena does not need /dev/shm")
+    if not f["memfd"]:
+        warnings.append(f["memfd_note"])
+    if f["sharing_strategy"] == "file_descriptor" and f["nofile_soft"] < 4096:
+        warnings.append(f"open-file limit {f['nofile_soft']} is low for torch's file_descriptor strategy "
+                        "(one descriptor per tensor in flight); an arena needs 4 per process")
+    if args.batch_bytes > DEFAULT_BATCH_ROOM:
+        warnings.append(f"without arena_budget a loader gives each slot {format_bytes(DEFAULT_BATCH_ROOM)}: "
+                        "pass the arena_budget above, or larger batches fall back to torch's transport")
+    lines += (["warnings"] + [f"  - {w}" for w in warnings]) if warnings else ["no warnings"]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m torch_arena doctor``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m torch_arena doctor", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-bytes", type=int, default=DEFAULT_BATCH_ROOM, help="largest batch (default 64 MiB)")
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader num_workers (default 2)")
+    parser.add_argument("--prefetch-factor", type=int, default=2, help="DataLoader prefetch_factor (default 2)")
+    parser.add_argument("--pin-memory", action="store_true", help="the loader uses pin_memory=True")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    args = parser.parse_args(argv)
+    for name in ("batch_bytes", "num_workers", "prefetch_factor"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    facts = collect_facts()
+    rec = recommend(args.batch_bytes, args.num_workers, args.prefetch_factor, args.pin_memory)
+    fits = facts["arena_available"] is None or rec["arena_budget"] <= facts["arena_available"]
+    if args.json:
+        print(json.dumps({"facts": facts, "recommendation": rec, "fits": fits}, indent=2))
+    else:
+        print("\n".join(_report(facts, rec, args)))
+    return 0 if fits and facts["memfd"] else 1
