@@ -201,6 +201,9 @@ def _release_segment(pool_ref: "_PoolGeometry", seg: int, gen: int, pid: int) ->
         return  # a fork child's copy of a parent's view: not ours to release
     header = pool_ref.state.header
     row = header[BACKEND_SLOT + _FIELDS * seg : BACKEND_SLOT + _FIELDS * (seg + 1)]
+    entry = pool_ref.held.get(seg)
+    if entry is not None and entry[0] == gen:
+        del pool_ref.held[seg]
     if row[_GEN] == gen and row[_STATE] in (FILLED, HELD):
         used = int(row[_USED])
         row[_STATE], row[_OWNER] = FREE, 0
@@ -208,15 +211,29 @@ def _release_segment(pool_ref: "_PoolGeometry", seg: int, gen: int, pid: int) ->
 
 
 class _PoolGeometry:
-    """What a release needs, without a reference to the public pool object."""
+    """What a release needs, without a reference to the public pool object.
 
-    __slots__ = ("state", "stride", "segment_size", "count")
+    ``held`` maps each segment this process restored to its generation and weak
+    references to what keeps it reserved, so :meth:`sweep` can still free a
+    segment whose release callback was lost (a KeyboardInterrupt landing in a
+    weakref finalizer is swallowed by Python, and the callback with it).
+    """
+
+    __slots__ = ("state", "stride", "segment_size", "count", "held")
 
     def __init__(self, pool: SharedMemorySegmentPool) -> None:
         self.state = pool.state
         self.stride = pool._stride
         self.segment_size = pool.segment_size
         self.count = pool.count
+        self.held: dict[int, tuple[int, list[weakref.ref]]] = {}
+
+    def sweep(self) -> None:
+        """Free held segments none of whose views is alive any more."""
+        pid = current_pid()
+        for seg, (gen, refs) in list(self.held.items()):
+            if all(ref() is None for ref in refs):
+                self.state.release_soon(functools.partial(_release_segment, self, seg, gen, pid))
 
 
 class PoolWriter(CopyingWriter):
@@ -332,6 +349,7 @@ class PoolUnit:
             except TypeError:
                 continue  # cannot be tracked; the lease covers views derived from us
             anchors.append(anchor)
+        self._geo.held[self.seg] = (self.gen, [weakref.ref(anchor) for anchor in anchors])
         release = functools.partial(_release_segment, self._geo, self.seg, self.gen, current_pid())
         remaining = [len(anchors)]
         state = self._geo.state
@@ -358,15 +376,21 @@ class PoolReader:
         self._open: dict[int, PoolUnit] = {}
 
     def reset(self) -> None:
-        """Nothing to do: views kept from earlier iterations stay reserved."""
+        """Views kept from earlier iterations stay reserved; segments whose views
+        are all gone but whose release was lost (an interrupt) are freed."""
+        if self._geo.held:
+            self._geo.sweep()
 
     def open_unit(self, span: int) -> PoolUnit:
         """Claim the committed unit ``span`` for reading."""
         seg, gen = span & 0xFFFFFFFF, span >> 32
         if not 0 <= seg < self._geo.count:
             raise ValueError(f"corrupt envelope: span {span} names segment {seg} of a pool of {self._geo.count}")
-        state = self._geo.state
-        with state.locked() as header:
+        geo = self._geo
+        if geo.held:
+            geo.sweep()
+        unit = PoolUnit(geo, seg, gen, 0)
+        with geo.state.locked() as header:
             row = self._pool._table(header)[seg]
             if row[_GEN] != gen or row[_STATE] != FILLED:
                 raise ValueError(
@@ -375,8 +399,10 @@ class PoolReader:
                     "an envelope can be restored once"
                 )
             row[_STATE], row[_OWNER] = HELD, current_pid()
-            used = int(row[_USED])
-        return PoolUnit(self._geo, seg, gen, used)
+            unit.used = int(row[_USED])
+            # Until finish() hands the segment to its views, the unit itself holds it.
+            geo.held[seg] = (gen, [weakref.ref(unit)])
+        return unit
 
     def _unit_at(self, seg: int) -> PoolUnit:
         unit = self._open.get(seg)

@@ -142,6 +142,8 @@ class ArenaSession:
         that outlives that is reclaimed when the next iterator starts.
         """
         self._dead_workers.update(p for p in pids if p)
+        if self._reader is not None and self._reader_pid == current_pid():
+            self._reader.reset()  # frees segments whose release an interrupt lost
         reclaim = getattr(self.arena, "reclaim", None)
         if reclaim is None or self.arena.closed or not self._dead_workers:
             return
