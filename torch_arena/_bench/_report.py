@@ -1,0 +1,271 @@
+"""Reporting: the table, the targets, CSV and the figure."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import statistics
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ._config import (
+    ALL_TRANSPORTS,
+    COLLATED_KIND,
+    DATASET_ONLY,
+    KINDS,
+    SPDL,
+    WORKERS,
+    Result,
+)
+
+# -- reporting ----------------------------------------------------------------------
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _speedups(results: Sequence[Result]) -> dict[tuple[str, float, str], float]:
+    stock = {r.key: r.mb_per_s for r in results if r.transport == "stock" and not r.skipped}
+    return {
+        (*r.key, r.transport): r.mb_per_s / stock[r.key]
+        for r in results
+        if not r.skipped and r.key in stock and stock[r.key] and r.transport != DATASET_ONLY
+    }
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """The A/B table: one line per configuration."""
+    speed = _speedups(results)
+    head = (
+        f"{'kind':<9}{'MiB':>4} {'transport':<13}{'MB/s':>7} {'95% CI':>13} {'x stock':>7} "
+        f"{'main ms':>8} {'wrk ms':>7} {'data ms':>8} {'xfer ms':>8} {'x cp':>5} {'x cp2':>5} "
+        f"{'peak MB':>8} {'fb':>3} {'noise':>5}"
+    )
+    lines = [head, "-" * len(head)]
+    order = {t: i for i, t in enumerate(ALL_TRANSPORTS)}
+    kinds = {k: i for i, k in enumerate(KINDS)}
+    for r in sorted(results, key=lambda r: (kinds.get(r.kind, 99), r.size_mib, order.get(r.transport, 99))):
+        if r.skipped:
+            lines.append(f"{r.kind:<9}{r.size_mib:>4g} {r.transport:<13}{r.skipped}")
+            continue
+        ci = f"{r.mb_per_s_lo:.0f}-{r.mb_per_s_hi:.0f}"
+        lines.append(
+            f"{r.kind:<9}{r.size_mib:>4g} {r.transport:<13}{r.mb_per_s:>7.0f} {ci:>13} "
+            f"{_fmt(speed.get((*r.key, r.transport), float('nan')), '.2f'):>7} "
+            f"{r.main_cpu_ms:>8.2f} {r.worker_cpu_ms:>7.1f} {_fmt(r.dataset_ms, '.1f'):>8} "
+            f"{_fmt(r.worker_xfer_ms, '.1f'):>8} {_fmt(r.xfer_memcpy_ratio, '.2f'):>5} "
+            f"{_fmt(r.worker_xfer_ms / r.memcpy_shared_ms if r.memcpy_shared_ms else float('nan'), '.2f'):>5} "
+            f"{_fmt(r.peak_pss_mb, '.0f'):>8} {r.fallbacks:>3} {_fmt(r.noise_pct, '.0f'):>4}%"
+        )
+    measured = [r for r in results if not r.skipped and r.memcpy_ms]
+    if measured:
+        alone = [r.memcpy_gbps for r in measured]
+        shared = [r.batch_bytes / r.memcpy_shared_ms / 1e6 for r in measured]
+        lines.append(
+            f"memcpy (np.copyto into pre-faulted memory, measured in every config): median "
+            f"{statistics.median(alone):.1f} GB/s alone (range {min(alone):.1f}-{max(alone):.1f}), "
+            f"{statistics.median(shared):.1f} GB/s per core while {WORKERS} cores copy at once"
+        )
+    lines.append(
+        "per batch: main = main-process CPU (all threads); wrk = CPU of all worker processes; "
+        "data = wrk of the dataset-only run (making the payload); xfer = wrk - data; "
+        "x cp = xfer / one memcpy of the batch; x cp2 = xfer / one memcpy while both cores "
+        "copy; peak MB = peak memory of the process tree (PSS + shared-memory files, each "
+        "page once); fb = arena fallbacks; noise = CPU used by other processes meanwhile, "
+        "% of the machine"
+    )
+    return "\n".join(lines)
+
+
+def _lookup(results: Sequence[Result]) -> dict[tuple[str, float, str], Result]:
+    return {(*r.key, r.transport): r for r in results if not r.skipped}
+
+
+def check_targets(results: Sequence[Result]) -> list[tuple[str, bool, str]]:
+    """``(target, met, the numbers)`` for every target these results can judge."""
+    by = _lookup(results)
+    checks: list[tuple[str, bool, str]] = []
+    top = max((r.size_mib for r in results), default=0)
+    for kind, factor in (("numpy", 5.0), ("bytes", 5.0), ("torch", 2.0), (COLLATED_KIND, 2.0)):
+        pool, stock = by.get((kind, top, "pool")), by.get((kind, top, "stock"))
+        if pool and stock:
+            ratio = pool.mb_per_s / stock.mb_per_s
+            checks.append(
+                (
+                    f"pool >= {factor:g}x stock MB/s, {kind} {top:g} MiB",
+                    ratio >= factor,
+                    f"{pool.mb_per_s:.0f} vs {stock.mb_per_s:.0f} MB/s = {ratio:.2f}x",
+                )
+            )
+    for (kind, size, transport), pool in sorted(by.items()):
+        if transport != "pool":
+            continue
+        peer = by.get((kind, size, SPDL))
+        if peer:
+            ratio = pool.mb_per_s / peer.mb_per_s
+            checks.append(
+                (
+                    f"pool >= 1.2x SPDL's pool, {kind} {size:g} MiB",
+                    ratio >= 1.2,
+                    f"{pool.mb_per_s:.0f} vs {peer.mb_per_s:.0f} MB/s = {ratio:.2f}x",
+                )
+            )
+    for (kind, size, transport), pool in sorted(by.items()):
+        if transport != "pool":
+            continue
+        checks.append(
+            (
+                f"pool main CPU <= 0.2 ms/batch, {kind} {size:g} MiB",
+                pool.main_cpu_ms <= 0.2,
+                f"{pool.main_cpu_ms:.3f} ms",
+            )
+        )
+        if not math.isnan(pool.xfer_memcpy_ratio):
+            checks.append(
+                (
+                    f"pool worker transfer CPU <= 1.3x memcpy, {kind} {size:g} MiB",
+                    pool.xfer_memcpy_ratio <= 1.3,
+                    (
+                        f"{pool.worker_xfer_ms:.2f} ms = {pool.xfer_memcpy_ratio:.2f}x one memcpy "
+                        f"({pool.memcpy_ms:.2f} ms)"
+                    ),
+                )
+            )
+        stock = by.get((kind, size, "stock"))
+        if stock and not math.isnan(pool.peak_pss_mb) and not math.isnan(stock.peak_pss_mb):
+            checks.append(
+                (
+                    f"pool peak memory <= stock's, {kind} {size:g} MiB",
+                    pool.peak_pss_mb <= stock.peak_pss_mb,
+                    f"{pool.peak_pss_mb:.0f} vs {stock.peak_pss_mb:.0f} MB",
+                )
+            )
+    return checks
+
+
+def format_targets(checks: Sequence[tuple[str, bool, str]]) -> str:
+    if not checks:
+        return "targets: none of the targets applies to these configurations"
+    met = sum(ok for _, ok, _ in checks)
+    lines = [f"targets: {met} of {len(checks)} met"]
+    lines += [f"  {'met   ' if ok else 'MISSED'} {name}: {numbers}" for name, ok, numbers in checks]
+    return "\n".join(lines)
+
+
+def write_csv(results: Sequence[Result], path: str) -> None:
+    """One row per configuration, one column per :class:`Result` field."""
+    names = [f.name for f in dataclasses.fields(Result)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for r in results:
+            writer.writerow(dataclasses.asdict(r))
+
+
+def read_csv(path: str) -> list[Result]:
+    """Results written by :func:`write_csv`."""
+    types = {f.name: f.type for f in dataclasses.fields(Result)}
+    convert = {"str": str, "int": int, "float": float}
+    with open(path, newline="") as f:
+        return [Result(**{k: convert[types[k]](v) for k, v in row.items()}) for row in csv.DictReader(f)]
+
+
+_COLORS = {"stock": "#9e9e9e", "ring": "#f0a030", "pool": "#2a7ab9", SPDL: "#6a3d9a"}
+
+
+def plot(results: Sequence[Result], path: str, title: str = "") -> None:
+    """One row per payload kind; columns throughput / CPU per batch / peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in results if not r.skipped and r.transport in _COLORS]
+    kinds = [k for k in KINDS if any(r.kind == k for r in shown)]
+    if not kinds:
+        return
+    by = _lookup(shown)
+    transports = [t for t in _COLORS if any(r.transport == t for r in shown)]
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(13, 2.7 * len(kinds) + 0.8), squeeze=False)
+    width = 0.8 / len(transports)
+    for row, kind in enumerate(kinds):
+        sizes = sorted({r.size_mib for r in shown if r.kind == kind})
+        for j, transport in enumerate(transports):
+            xs, mbs, err, main, work, mem = [], [], [], [], [], []
+            for i, size in enumerate(sizes):
+                r = by.get((kind, size, transport))
+                if r is None:
+                    continue
+                per_gb = 1e9 / r.batch_bytes / 1e3  # ms per batch -> s per GB moved
+                xs.append(i + (j - (len(transports) - 1) / 2) * width)
+                mbs.append(r.mb_per_s)
+                err.append(max(0.0, r.mb_per_s - r.mb_per_s_lo))
+                main.append(r.main_cpu_ms * per_gb)
+                work.append(r.worker_cpu_ms * per_gb)
+                mem.append(r.peak_pss_mb)
+            color = _COLORS[transport]
+            axes[row, 0].bar(xs, mbs, width, yerr=err, color=color, label=transport, capsize=2)
+            axes[row, 1].bar(xs, work, width, color=color, alpha=0.55)
+            axes[row, 1].bar(xs, main, width, bottom=work, color=color, hatch="///", edgecolor="k", lw=0)
+            axes[row, 2].bar(xs, mem, width, color=color)
+        for col, ylabel in enumerate(("MB/s (higher is better)", "CPU s per GB moved", "peak memory MB")):
+            ax = axes[row, col]
+            ax.set_xticks(range(len(sizes)), [f"{s:g} MiB" for s in sizes])
+            ax.set_ylabel(ylabel)
+            ax.grid(axis="y", alpha=0.3)
+        axes[row, 0].set_title(kind, loc="left", fontweight="bold")
+    axes[0, 0].legend(fontsize=8, loc="upper left")
+    axes[0, 1].set_title("CPU: workers (light) + main process (hatched)", fontsize=9)
+    axes[0, 2].set_title("peak memory of the process tree (PSS + shm files)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_line() -> str:
+    """Cores, CPU model and library versions, for the report."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return (
+        f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, numpy {np.__version__}, {WORKERS} workers, start method fork"
+    )
+
+
+def report(
+    results: Sequence[Result],
+    out_dir: str,
+    name: str,
+    notes: Sequence[str] = (),
+    table: Callable[[Sequence[Result]], str] = format_table,
+    targets: bool = True,
+) -> str:
+    """Write ``<name>.csv``, ``<name>.png`` and ``<name>.txt`` under ``out_dir``;
+    return the text (machine, table, targets, notes)."""
+    os.makedirs(out_dir, exist_ok=True)
+    parts = [machine_line(), table(results)]
+    if targets:
+        parts.append(format_targets(check_targets(results)))
+    text = "\n".join([*parts, *notes])
+    write_csv(results, os.path.join(out_dir, f"{name}.csv"))
+    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+        f.write(text + "\n")
+    plot(results, os.path.join(out_dir, f"{name}.png"), title=machine_line())
+    return text
+
+
+#: What ``--quick`` runs unless told otherwise (also ``python -m torch_arena demo``).
