@@ -67,28 +67,34 @@ class ProcessLock:
         self._pid = pid
 
     def _lock_file(self) -> None:
-        # Called with the thread lock held; gives it back if the file lock fails.
-        try:
-            if self._use_flock:
-                fcntl.flock(self._ofd, fcntl.LOCK_EX)
-            else:  # pragma: no cover
-                fcntl.lockf(self._ofd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
+        # Called with the thread lock held. The try starts right after the
+        # thread lock is taken, with no call in between: a KeyboardInterrupt
+        # raised when _lock_file is entered must still give the thread lock back.
+        if self._use_flock:
+            fcntl.flock(self._ofd, fcntl.LOCK_EX)
+        else:  # pragma: no cover
+            fcntl.lockf(self._ofd, fcntl.LOCK_EX)
 
     def acquire(self) -> None:
         """Block until this thread holds the lock."""
         self._ensure_process_state()
         self._thread_lock.acquire()
-        self._lock_file()
+        try:
+            self._lock_file()
+        except BaseException:
+            self._thread_lock.release()
+            raise
 
     def try_acquire_thread(self) -> bool:
         """Take the lock only if no thread of this process holds it right now."""
         self._ensure_process_state()
         if not self._thread_lock.acquire(blocking=False):
             return False
-        self._lock_file()
+        try:
+            self._lock_file()
+        except BaseException:
+            self._thread_lock.release()
+            raise
         return True
 
     def release(self) -> None:
