@@ -110,6 +110,14 @@ class ProcessLock:
             # this thread would wait forever.
             self._thread_lock.release()
 
+    def __del__(self) -> None:
+        # The private descriptor is a second reference to the memory file: left
+        # open, it would keep the whole arena allocated until the process exits.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def close(self) -> None:
         """Close this process's private descriptor (the shared one is not ours)."""
         if self._pid == _pid and self._ofd >= 0 and self._ofd != self._fd:
