@@ -184,6 +184,8 @@ def test_arena_none_and_zero_workers_are_stock():
         assert_same(a, b)
     assert stock.arena_stats.batches == 0 and inline.arena_stats.batches == 0
     assert not inline.uses_arena
+    named = ta.ArenaDataLoader(Samples(), batch_size=4, num_workers=2, arena="none")
+    assert named.arena is None and not named.uses_arena  # as on the Lightning flag
 
 
 def test_iterator_is_torchs_and_stops_workers_when_dropped():

@@ -36,14 +36,18 @@ _ARENA_NAMES = ("pool", "ring")
 _OVERFLOW = ("fallback", "raise")
 
 
-def _validate_arena(arena: object) -> None:
-    if arena is None or arena in _ARENA_NAMES:
-        return
+def _validate_arena(arena: object) -> object:
+    """The arena setting to store: ``"none"`` (as on the Lightning flag) means None."""
+    if arena is None or arena == "none":
+        return None
+    if arena in _ARENA_NAMES:
+        return arena
     if isinstance(arena, str) or not all(hasattr(arena, m) for m in ("open_writer", "open_reader")):
         raise ValueError(
-            f"arena must be 'pool', 'ring', None (torch's default transport) or an arena "
-            f"instance (SharedMemorySegmentPool / SharedMemoryRingBuffer), got {arena!r}"
+            f"arena must be 'pool', 'ring', None or 'none' (torch's default transport) or an "
+            f"arena instance (SharedMemorySegmentPool / SharedMemoryRingBuffer), got {arena!r}"
         )
+    return arena
 
 
 class ArenaDataLoader(DataLoader):
@@ -56,8 +60,8 @@ class ArenaDataLoader(DataLoader):
     Args:
         arena: ``"pool"`` (zero-copy views; the default), ``"ring"`` (private
             copies), an arena instance you own (shared by all the loader's
-            iterators), or ``None`` for exactly the stock transport (the A side
-            of an A/B comparison). Ignored with ``num_workers=0``.
+            iterators), or ``None`` / ``"none"`` for exactly the stock transport
+            (the A side of an A/B comparison). Ignored with ``num_workers=0``.
         arena_budget: Bytes for an arena the loader makes. Default: room for a
             64 MiB batch per slot (``num_workers × prefetch_factor + 2``), at
             most an eighth of the memory available. A pool splits it into one
@@ -99,7 +103,7 @@ class ArenaDataLoader(DataLoader):
         arena_threshold: int = DEFAULT_THRESHOLD,
         **kwargs: Any,
     ) -> None:
-        _validate_arena(arena)
+        arena = _validate_arena(arena)
         if arena_budget is not None and (
             isinstance(arena_budget, bool) or not isinstance(arena_budget, int) or arena_budget <= 0
         ):

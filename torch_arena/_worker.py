@@ -176,9 +176,11 @@ class ArenaCollate:
         )
         if held:
             advice = (
-                "; the training loop keeps batches alive, so keep fewer of them (or copy what "
-                "you keep), or give the arena room for the batches you keep as well, e.g. "
-                f"arena_budget >= {format_bytes(need)} × ({self.slots_hint} + batches kept)"
+                "; the training loop keeps batches alive (or the pool has fewer segments than "
+                f"the {self.slots_hint} batches torch keeps in flight), so keep fewer of them (or "
+                "copy what you keep), or pass a pool with a segment for each: "
+                f"arena=SharedMemorySegmentPool(segment_size={need + (64 << 10)}, "
+                f"count={self.slots_hint} + batches kept)"
             )
         else:
             advice = (
