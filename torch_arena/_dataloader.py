@@ -18,7 +18,9 @@ kept for the loader's later iterators.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -211,7 +213,23 @@ class ArenaDataLoader(DataLoader):
         self.check_worker_number_rationality()
         iterator = _ArenaMultiProcessingDataLoaderIter(self)
         self._arena_iterators.add(iterator)
+        _live_iterators.add(iterator)
         return iterator
+
+
+_live_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shut_down_live_iterators() -> None:
+    # Registered after multiprocessing's own exit handler, so it runs first: the
+    # workers stop through torch's orderly path instead of being terminated by
+    # multiprocessing, which torch's SIGCHLD handler reports as a worker failure.
+    for iterator in list(_live_iterators):
+        try:
+            iterator._shutdown_workers()
+        except Exception:
+            pass
 
 
 class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
@@ -253,7 +271,7 @@ class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
             super()._shutdown_workers()
         finally:
             session = getattr(self, "_arena_session", None)
-            if session is not None and pids:
+            if session is not None and pids and not sys.is_finalizing():
                 # Batches these workers committed but nobody will read (early
                 # break, abandoned iterator) go back to the arena.
                 session.note_workers_gone(pids)

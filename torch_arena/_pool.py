@@ -163,22 +163,27 @@ class SharedMemorySegmentPool(ArenaBase):
         read). Units already restored are not touched. Returns how many
         segments were freed.
         """
-        pids = {int(p) for p in producer_pids}
         state = self.state
-        freed = 0
         with state.locked() as header:
-            table = self._table(header)
-            for seg in range(self.count):
-                row = table[seg]
-                if row[_STATE] in (WRITING, FILLED) and int(row[_OWNER]) in pids:
-                    if pid_alive(int(row[_OWNER])):
-                        continue
-                    used = int(row[_USED]) if row[_STATE] == FILLED else 0
-                    row[_STATE], row[_OWNER] = FREE, 0
-                    state.count_usage(header, -1, -used)
-                    freed += 1
+            freed = self.reclaim_locked(header, producer_pids)
         if freed:
             state.wakeup.notify()
+        return freed
+
+    def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
+        """:meth:`reclaim` for a caller that already holds the arena lock."""
+        pids = {int(p) for p in producer_pids}
+        table = self._table(header)
+        freed = 0
+        for seg in range(self.count):
+            row = table[seg]
+            if row[_STATE] in (WRITING, FILLED) and int(row[_OWNER]) in pids:
+                if pid_alive(int(row[_OWNER])):
+                    continue
+                used = int(row[_USED]) if row[_STATE] == FILLED else 0
+                row[_STATE], row[_OWNER] = FREE, 0
+                self.state.count_usage(header, -1, -used)
+                freed += 1
         return freed
 
     def segment_states(self) -> list[str]:

@@ -142,20 +142,25 @@ class SharedMemoryRingBuffer(ArenaBase):
 
     def reclaim(self, producer_pids: "list[int] | tuple[int, ...]") -> int:
         """Free units written by these (dead) producers that nobody will read."""
-        pids = {int(p) for p in producer_pids}
         state = self.state
-        freed = set()
         with state.locked() as header:
-            for entry in self._live_entries(header):
-                owner = int(entry[_OWNER])
-                if entry[_STATE] in (WRITING, FILLED) and owner in pids and not pid_alive(owner):
-                    entry[_STATE] = FREE
-                    freed.add(int(entry[_UNIT]))
-            if freed:
-                self._advance_tail(header)
-                self._note_usage(header, -len(freed))
+            freed = self.reclaim_locked(header, producer_pids)
         if freed:
             state.wakeup.notify()
+        return freed
+
+    def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
+        """:meth:`reclaim` for a caller that already holds the arena lock."""
+        pids = {int(p) for p in producer_pids}
+        freed = set()
+        for entry in self._live_entries(header):
+            owner = int(entry[_OWNER])
+            if entry[_STATE] in (WRITING, FILLED) and owner in pids and not pid_alive(owner):
+                entry[_STATE] = FREE
+                freed.add(int(entry[_UNIT]))
+        if freed:
+            self._advance_tail(header)
+            self._note_usage(header, -len(freed))
         return len(freed)
 
     def _free_unit(self, header: np.ndarray, unit_seq: int, states: tuple[int, ...]) -> int:

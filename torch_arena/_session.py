@@ -150,12 +150,17 @@ class ArenaSession:
         deadline = time.monotonic() + grace
         while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
+        dead = sorted(self._dead_workers)
+        reclaim_locked = getattr(self.arena, "reclaim_locked", None)
         if not _lock_free_here(self.arena):
             # Called by the garbage collector (an abandoned iterator's __del__)
             # inside one of this thread's own arena calls: taking the lock would
-            # deadlock. The pids are kept; the next iterator reclaims them.
+            # deadlock. Queue it: the lock's holder runs it before letting go.
+            if reclaim_locked is not None:
+                state = self.arena.state
+                state.release_soon(lambda: reclaim_locked(state.header, dead))
             return
-        reclaim(sorted(self._dead_workers))
+        reclaim(dead)
         self._dead_workers = {p for p in self._dead_workers if pid_alive(p)}
 
     def snapshot(self) -> ArenaStats:
