@@ -16,12 +16,14 @@ usual, and counted in the training process.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+from torch._C import _error_if_any_worker_fails
 from torch._utils import ExceptionWrapper
 from torch.utils.data._utils.collate import default_collate
 
@@ -37,22 +39,38 @@ __all__ = ["ArenaBatch", "ArenaCollate", "FallbackBatch"]
 _RESTORE_WHERE = "in the training process, restoring a batch from the arena"
 
 
+def _failed_restore() -> ExceptionWrapper:
+    """The current exception, to be raised by torch for this batch.
+
+    Runs inside torch's queue read. An exception escaping from there would lose
+    the batch: torch would re-raise it once, then wait forever for that batch
+    index. As an ExceptionWrapper it is raised for this batch with its type and
+    message, and iteration can go on, as with a worker exception. One exception
+    must escape, though: torch's SIGCHLD handler raises "DataLoader worker …
+    is killed by signal" wherever the main thread happens to be, here too, and
+    torch's own queue-read error handling must see it.
+    """
+    cause = sys.exc_info()[1]
+    while cause is not None:
+        if isinstance(cause, RuntimeError) and str(cause).startswith("DataLoader worker"):
+            raise cause  # the restore was only where the main thread happened to be
+        cause = cause.__cause__ or cause.__context__
+    _error_if_any_worker_fails()
+    return ExceptionWrapper(where=_RESTORE_WHERE)
+
+
 def _receive_batch(token: int, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
-    # Runs inside torch's queue read. An exception escaping from here would
-    # lose the batch: torch would re-raise it once, then wait forever for that
-    # batch index. As an ExceptionWrapper it is raised for this batch with its
-    # type and message, and iteration can go on, as with a worker exception.
     try:
         return session_for(token).receive(envelope, nbytes, wait_seconds)
     except Exception:  # noqa: BLE001 - re-raised for this batch by torch
-        return ExceptionWrapper(where=_RESTORE_WHERE)
+        return _failed_restore()
 
 
 def _receive_fallback(token: int, batch: Any, reason: str, wait_seconds: float) -> Any:
     try:
         return session_for(token).receive_fallback(batch, reason, wait_seconds)
     except Exception:  # noqa: BLE001 - re-raised for this batch by torch
-        return ExceptionWrapper(where=_RESTORE_WHERE)
+        return _failed_restore()
 
 
 class ArenaBatch:
