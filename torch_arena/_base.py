@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ._lease import flush as flush_leases
 from ._memory import PAGE_SIZE, create_memory_file, detach_fd, map_memory_file, share_fd
 from ._sync import ProcessLock, Wakeup, current_pid
 
@@ -37,6 +38,15 @@ BACKEND_SLOT = 16
 ALIGN = 64
 
 FREE, WRITING, FILLED, HELD = 0, 1, 2, 3
+
+
+class ArenaSpaceTimeout(BufferError):
+    """A producer waited its whole timeout for arena space that never came.
+
+    Raised by the blocking backends; a loader that sees it stops waiting for
+    space until a unit fits again, so a training loop that keeps its batches
+    does not pay the timeout for every batch.
+    """
 
 
 def align_up(n: int, alignment: int = ALIGN) -> int:
@@ -79,11 +89,14 @@ class _Files:
 class ArenaState:
     """One process's handle on an arena's shared memory and primitives."""
 
-    def __init__(self, files: _Files, total_bytes: int, header_bytes: int, token: int) -> None:
+    def __init__(
+        self, files: _Files, total_bytes: int, header_bytes: int, token: int, reserved: bool = True
+    ) -> None:
         self.files = files
         self.total_bytes = total_bytes
         self.header_bytes = header_bytes
         self.token = token
+        self.reserved = reserved
         self.lock = ProcessLock(files.memory_fd)
         self.wakeup = Wakeup(files.read_fd, files.write_fd)
         self._mapping: Any = None
@@ -92,14 +105,20 @@ class ArenaState:
         self._pending: collections.deque[Callable[[], None]] = collections.deque()
 
     @classmethod
-    def create(cls, kind: int, data_bytes: int, header_slots: int, what: str) -> "ArenaState":
-        """Reserve a new arena: header of ``header_slots`` int64 plus ``data_bytes``."""
+    def create(
+        cls, kind: int, data_bytes: int, header_slots: int, what: str, *, reserve_data: bool = True
+    ) -> "ArenaState":
+        """A new arena: header of ``header_slots`` int64 plus ``data_bytes``.
+
+        With ``reserve_data`` off only the header is reserved: the data region
+        is virtual, committed range by range by the backend.
+        """
         header_bytes = align_up(header_slots * 8, PAGE_SIZE)
         total = header_bytes + data_bytes
-        memory_fd = create_memory_file(total, what)
+        memory_fd = create_memory_file(total, what, reserve=None if reserve_data else header_bytes)
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         token = secrets.randbits(62) + 1
-        state = cls(_Files(memory_fd, read_fd, write_fd), total, header_bytes, token)
+        state = cls(_Files(memory_fd, read_fd, write_fd), total, header_bytes, token, reserve_data)
         header = state.header
         header[H_MAGIC], header[H_KIND], header[H_TOKEN] = MAGIC, kind, token
         return state
@@ -109,7 +128,7 @@ class ArenaState:
     def mapping(self) -> Any:
         """This process's mapping of the whole file (made on first use)."""
         if self._mapping is None:
-            self._mapping = map_memory_file(self.files.memory_fd, self.total_bytes)
+            self._mapping = map_memory_file(self.files.memory_fd, self.total_bytes, populate=self.reserved)
             self._mapping_pid = current_pid()
         return self._mapping
 
@@ -209,15 +228,22 @@ class ArenaState:
                 self.total_bytes,
                 self.header_bytes,
                 self.token,
+                self.reserved,
             ),
         )
 
 
 def _rebuild_state(
-    memory_fd: object, read_fd: object, write_fd: object, total: int, header: int, token: int
+    memory_fd: object,
+    read_fd: object,
+    write_fd: object,
+    total: int,
+    header: int,
+    token: int,
+    reserved: bool = True,
 ) -> ArenaState:
     files = _Files(detach_fd(memory_fd), detach_fd(read_fd), detach_fd(write_fd))
-    return ArenaState(files, total, header, token)
+    return ArenaState(files, total, header, token, reserved)
 
 
 class ArenaBase:
@@ -265,6 +291,7 @@ class ArenaBase:
 
     def usage(self) -> dict[str, int]:
         """Units and bytes in use now, and their high-water marks, over all processes."""
+        flush_leases()
         header = self.state.header
         return {
             "units_in_use": int(header[H_UNITS]),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import time
-import weakref
 from typing import Any
 
 import numpy as np
@@ -31,10 +30,13 @@ from ._base import (
     HELD,
     WRITING,
     ArenaBase,
+    ArenaSpaceTimeout,
     ArenaState,
     CopyingWriter,
     align_up,
 )
+from ._lease import LeaseTracker
+from ._lease import flush as flush_leases
 from ._memory import PAGE_SIZE, format_bytes
 from ._sync import current_pid, pid_alive
 
@@ -120,6 +122,7 @@ class SharedMemorySegmentPool(ArenaBase):
         state = self.state
         pid = current_pid()
         start = time.monotonic()
+        flush_leases()
         while True:
             with state.locked() as header:
                 if state.shut_down:
@@ -137,7 +140,7 @@ class SharedMemorySegmentPool(ArenaBase):
                     return seg, int(row[_GEN]), time.monotonic() - start
             waited = time.monotonic() - start
             if waited >= timeout:
-                raise BufferError(
+                raise ArenaSpaceTimeout(
                     f"SharedMemorySegmentPool: no free segment after {waited:.1f} s: all "
                     f"{self.count} segments of {format_bytes(self.segment_size)} are in use "
                     "(restored views still alive, or units in flight). Drop restored "
@@ -188,6 +191,7 @@ class SharedMemorySegmentPool(ArenaBase):
 
     def segment_states(self) -> list[str]:
         """Each segment's state, for diagnostics ('free', 'being written', …)."""
+        flush_leases()
         with self.state.locked() as header:
             return [_STATE_NAMES[int(s)] for s in self._table(header)[:, _STATE]]
 
@@ -200,45 +204,30 @@ def _rebuild_pool(state: ArenaState, segment_size: int, count: int, timeout: flo
     return pool
 
 
-def _release_segment(pool_ref: "_PoolGeometry", seg: int, gen: int, pid: int) -> None:
-    """Free a restored segment (called with the lock held)."""
-    if current_pid() != pid:
-        return  # a fork child's copy of a parent's view: not ours to release
-    header = pool_ref.state.header
-    row = header[BACKEND_SLOT + _FIELDS * seg : BACKEND_SLOT + _FIELDS * (seg + 1)]
-    entry = pool_ref.held.get(seg)
-    if entry is not None and entry[0] == gen:
-        del pool_ref.held[seg]
+def _release_segment(state: ArenaState, count: int, header: np.ndarray, key: tuple[int, int]) -> None:
+    """Free restored segment ``key = (segment, generation)`` (lock held).
+
+    Takes the state, not the pool: it runs after ``close()`` too, when the last
+    view of a batch dies.
+    """
+    seg, gen = key
+    row = header[BACKEND_SLOT : BACKEND_SLOT + _FIELDS * count].reshape(count, _FIELDS)[seg]
     if row[_GEN] == gen and row[_STATE] in (FILLED, HELD):
         used = int(row[_USED])
         row[_STATE], row[_OWNER] = FREE, 0
-        pool_ref.state.count_usage(header, -1, -used)
+        state.count_usage(header, -1, -used)
 
 
 class _PoolGeometry:
-    """What a release needs, without a reference to the public pool object.
+    """What a writer needs, without a reference to the public pool object."""
 
-    ``held`` maps each segment this process restored to its generation and weak
-    references to what keeps it reserved, so :meth:`sweep` can still free a
-    segment whose release callback was lost (a KeyboardInterrupt landing in a
-    weakref finalizer is swallowed by Python, and the callback with it).
-    """
-
-    __slots__ = ("state", "stride", "segment_size", "count", "held")
+    __slots__ = ("state", "stride", "segment_size", "count")
 
     def __init__(self, pool: SharedMemorySegmentPool) -> None:
         self.state = pool.state
         self.stride = pool._stride
         self.segment_size = pool.segment_size
         self.count = pool.count
-        self.held: dict[int, tuple[int, list[weakref.ref]]] = {}
-
-    def sweep(self) -> None:
-        """Free held segments none of whose views is alive any more."""
-        pid = current_pid()
-        for seg, (gen, refs) in list(self.held.items()):
-            if all(ref() is None for ref in refs):
-                self.state.release_soon(functools.partial(_release_segment, self, seg, gen, pid))
 
 
 class PoolWriter(CopyingWriter):
@@ -326,8 +315,9 @@ class PoolUnit:
 
     zero_copy = True
 
-    def __init__(self, geo: _PoolGeometry, seg: int, gen: int, used: int) -> None:
-        self._geo = geo
+    def __init__(self, reader: "PoolReader", seg: int, gen: int, used: int) -> None:
+        geo = reader._geo
+        self._tracker = reader.tracker
         self.seg, self.gen, self.used = seg, gen, used
         self.start = seg * geo.stride
         self.lease: np.ndarray | None = geo.state.anchored_view(self.start, geo.segment_size)
@@ -343,30 +333,11 @@ class PoolUnit:
         return self.lease[rel : rel + nbytes]
 
     def finish(self, pinned: "list[object] | tuple[object, ...]" = ()) -> None:
-        """The unit is read: free it once the lease and every pinned anchor are gone."""
+        """The unit is read: free it once the lease and every pinned anchor are gone
+        (see :mod:`torch_arena._lease`: a release is never lost to an interrupt)."""
         lease, self.lease = self.lease, None
-        if lease is None:
-            return
-        anchors = [lease]
-        for anchor in pinned:
-            try:
-                weakref.ref(anchor)
-            except TypeError:
-                continue  # cannot be tracked; the lease covers views derived from us
-            anchors.append(anchor)
-        self._geo.held[self.seg] = (self.gen, [weakref.ref(anchor) for anchor in anchors])
-        release = functools.partial(_release_segment, self._geo, self.seg, self.gen, current_pid())
-        remaining = [len(anchors)]
-        state = self._geo.state
-
-        def countdown() -> None:
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                state.release_soon(release)
-
-        for anchor in anchors:
-            weakref.finalize(anchor, countdown).atexit = False
-        del lease, anchors
+        if lease is not None:
+            self._tracker.hold((self.seg, self.gen), [lease, *pinned])
 
 
 class PoolReader:
@@ -378,13 +349,13 @@ class PoolReader:
         self._pool = pool
         self._geo = _PoolGeometry(pool)
         self.token = pool.state.token
+        self.tracker = LeaseTracker(pool.state, functools.partial(_release_segment, pool.state, pool.count))
         self._open: dict[int, PoolUnit] = {}
 
     def reset(self) -> None:
         """Views kept from earlier iterations stay reserved; segments whose views
-        are all gone but whose release was lost (an interrupt) are freed."""
-        if self._geo.held:
-            self._geo.sweep()
+        are all gone but whose release never ran (an interrupt) are freed."""
+        self.tracker.sweep()
 
     def open_unit(self, span: int) -> PoolUnit:
         """Claim the committed unit ``span`` for reading."""
@@ -392,9 +363,8 @@ class PoolReader:
         if not 0 <= seg < self._geo.count:
             raise ValueError(f"corrupt envelope: span {span} names segment {seg} of a pool of {self._geo.count}")
         geo = self._geo
-        if geo.held:
-            geo.sweep()
-        unit = PoolUnit(geo, seg, gen, 0)
+        flush_leases()
+        unit = PoolUnit(self, seg, gen, 0)
         with geo.state.locked() as header:
             row = self._pool._table(header)[seg]
             if row[_GEN] != gen or row[_STATE] != FILLED:
@@ -405,8 +375,8 @@ class PoolReader:
                 )
             row[_STATE], row[_OWNER] = HELD, current_pid()
             unit.used = int(row[_USED])
-            # Until finish() hands the segment to its views, the unit itself holds it.
-            geo.held[seg] = (gen, [weakref.ref(unit)])
+        # Until finish() hands the segment to its views, the unit itself holds it.
+        self.tracker.hold((seg, gen), [unit])
         return unit
 
     def _unit_at(self, seg: int) -> PoolUnit:

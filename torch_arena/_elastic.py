@@ -1,0 +1,502 @@
+"""The elastic pool: zero-copy units of any size, memory committed only while used.
+
+A fixed pool needs two guesses, the largest batch and how many are in flight,
+and holds ``segment_size × count`` whatever the batches are. The elastic pool
+needs neither. Its memory file has a large *virtual* size, free until written,
+mapped once per process (not pre-faulted). Each unit is a list of extents from
+the shared :class:`~torch_arena._extents.ExtentTable`, taken as the codec
+writes binaries: the protocol does not announce a unit's size, so a writer
+takes a chunk at a time (at least the binary, growing with the unit), and
+gives the unused tail back when the unit is committed.
+
+Memory follows the working set:
+
+* a range is committed with ``posix_fallocate`` the first time it is handed
+  out (outside the lock), so exhaustion is a :class:`MemoryError` naming the
+  sizes, never a SIGBUS;
+* freed extents stay warm and are reused first (best fit): a recycled extent
+  costs one warm copy, a fresh one what torch's fresh segment costs;
+* after each commit the writer gives warm memory above ``1.25 ×`` the recent
+  working set ``+ 16 MiB`` back to the kernel (hole punch, again outside the
+  lock). The working set is the peak of bytes in use over the last 16 to 32
+  units, so a loader that once saw big batches does not keep them;
+* committed memory never exceeds ``max_bytes``: a writer that needs more
+  first gives back warm memory that does not fit its request, then waits up
+  to its timeout for units to be released
+  (:class:`~torch_arena._base.ArenaSpaceTimeout`).
+
+Restores are zero-copy views, one lease per extent; a unit's extents are
+freed when its last view dies (see :mod:`torch_arena._lease`), in any order,
+never while a view lives. Writers that die mid-unit are reclaimed by the next
+writer that runs out of room.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import numpy as np
+
+from ._base import (
+    ALIGN,
+    BACKEND_SLOT,
+    FILLED,
+    FREE,
+    H_BYTES,
+    H_UNITS,
+    HELD,
+    WRITING,
+    ArenaBase,
+    ArenaSpaceTimeout,
+    ArenaState,
+    CopyingWriter,
+    align_up,
+)
+from ._elastic_unit import ElasticReader
+from ._extents import STATE_NAMES, TRIM, WARM, ExtentTable
+from ._lease import flush as flush_leases
+from ._memory import PAGE_SIZE, available_memory, commit_range, committed_bytes, format_bytes, parse_bytes
+from ._sync import current_pid, pid_alive
+
+__all__ = ["SharedMemoryElasticPool", "default_max_bytes"]
+
+_KIND_ELASTIC = 3
+MAX_UNITS = 4096
+MAX_EXTENTS = 8192
+#: Smallest extent a writer takes: small binaries share one.
+MIN_CHUNK = 64 << 10
+#: Largest step by which a unit's chunks grow ahead of its binaries.
+MAX_GROWTH = 4 << 20
+#: Units per working-set window (the working set spans the last one or two).
+WINDOW_UNITS = 16
+#: Warm memory kept above the working set: ``ws × KEEP_NUM / KEEP_DEN + KEEP_SLACK``.
+KEEP_NUM, KEEP_DEN, KEEP_SLACK = 5, 4, 16 << 20
+#: Share of the available memory a pool may commit by default.
+DEFAULT_SHARE = 2
+
+_CAP, _VSIZE, _COMMITTED, _COMMITTED_HW, _WS_CUR, _WS_PREV, _WINDOW = range(BACKEND_SLOT, BACKEND_SLOT + 7)
+_UNITS_SLOT = BACKEND_SLOT + 16
+_UFIELDS = 4  # per unit: state, generation, owner pid, extent bytes
+_EXTENTS_SLOT = _UNITS_SLOT + _UFIELDS * MAX_UNITS
+
+
+def default_max_bytes() -> int:
+    """The default cap on a pool's committed memory: half of the memory available
+    now (the smaller of ``MemAvailable`` and the memory cgroup's headroom)."""
+    available, _ = available_memory()
+    if available is None:
+        return 4 << 30
+    return max(64 << 20, available // DEFAULT_SHARE // PAGE_SIZE * PAGE_SIZE)
+
+
+def _check_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"acquire_timeout must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+class _Tables:
+    """Column views of the shared header: units and extents."""
+
+    __slots__ = ("ustate", "ugen", "uowner", "ubytes", "extents")
+
+    def __init__(self, header: np.ndarray) -> None:
+        units = header[_UNITS_SLOT:_EXTENTS_SLOT].reshape(_UFIELDS, MAX_UNITS)
+        self.ustate, self.ugen, self.uowner, self.ubytes = units
+        self.extents = ExtentTable(header, _EXTENTS_SLOT, MAX_EXTENTS)
+
+
+class SharedMemoryElasticPool(ArenaBase):
+    """A zero-copy pool that sizes itself to the units written into it.
+
+    No segment size, no count: a unit of any size up to ``max_bytes`` fits,
+    memory is committed as units need it and given back when the working set
+    shrinks, and a unit's space is never reused while a view of it lives.
+    Picklable (fork, spawn, forkserver), any number of producer processes,
+    the same endpoint protocol as :class:`SharedMemorySegmentPool` (so it also
+    works as ``arena=`` for SPDL's ``run_pipeline_in_subprocess``).
+
+    Args:
+        max_bytes: Cap on committed memory: bytes as an int, an integral float
+            or a string (``"4GiB"``). Default: :func:`default_max_bytes`, half
+            of the memory available when the pool is made.
+        acquire_timeout: Seconds a producer waits, once the cap is reached, for
+            restored units to be released before :class:`BufferError`.
+    """
+
+    zero_copy = True
+
+    def __init__(self, max_bytes: "int | float | str | None" = None, *, acquire_timeout: float = 60.0) -> None:
+        cap = default_max_bytes() if max_bytes is None else parse_bytes(max_bytes, "max_bytes")
+        self.max_bytes = align_up(cap, PAGE_SIZE)
+        self.acquire_timeout = _check_timeout(acquire_timeout)
+        # Virtual room beyond the cap so that fragmentation never blocks a unit
+        # that fits the cap; it costs address space only.
+        vsize = align_up(4 * self.max_bytes + (64 << 20), 2 << 20)
+        self._state: ArenaState | None = ArenaState.create(
+            _KIND_ELASTIC,
+            vsize,
+            _EXTENTS_SLOT + ExtentTable.slots(MAX_EXTENTS),
+            f"SharedMemoryElasticPool(max_bytes={self.max_bytes})",
+            reserve_data=False,
+        )
+        header = self._state.header
+        header[_CAP], header[_VSIZE] = self.max_bytes, vsize
+        _Tables(header).extents.initialise(vsize)
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryElasticPool(max_bytes={self.max_bytes}, acquire_timeout={self.acquire_timeout})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_elastic, (self.state, self.max_bytes, self.acquire_timeout))
+
+    @property
+    def capacity(self) -> int:
+        """The cap on committed bytes (``max_bytes``)."""
+        return self.max_bytes
+
+    def open_writer(self) -> "ElasticWriter":
+        """A producer endpoint for this process (one per producing thread)."""
+        return ElasticWriter(self)
+
+    def open_reader(self) -> ElasticReader:
+        """The consumer endpoint (zero-copy)."""
+        return ElasticReader(self)
+
+    def usage(self) -> dict[str, int]:
+        """Units and bytes in use and their high-water marks, plus committed
+        bytes (now, as the kernel counts them, and the peak) and the cap."""
+        marks = super().usage()
+        header = self.state.header
+        marks["committed_bytes"] = committed_bytes(self.state.files.memory_fd) - self.state.header_bytes
+        marks["committed_high_water"] = int(header[_COMMITTED_HW])
+        marks["max_bytes"] = self.max_bytes
+        return marks
+
+    def extent_states(self) -> dict[str, int]:
+        """Bytes per extent state ('warm', 'busy', 'cold', ...), for diagnostics."""
+        flush_leases()
+        with self.state.locked() as header:
+            table = _Tables(header).extents
+            return {name: table.bytes_in(s) for s, name in STATE_NAMES.items() if s}
+
+    def tables(self, header: np.ndarray) -> _Tables:
+        """Column views of the unit and extent tables of ``header`` (for endpoints)."""
+        return _Tables(header)
+
+    # -- allocation (writers) --------------------------------------------------
+    def _new_unit(self, header: np.ndarray, pid: int) -> tuple[int, int] | None:
+        tables = _Tables(header)
+        free = np.flatnonzero(tables.ustate == FREE)
+        if not len(free):
+            return None
+        slot = int(free[0])
+        tables.ustate[slot], tables.uowner[slot], tables.ubytes[slot] = WRITING, pid, 0
+        tables.ugen[slot] += 1
+        self.state.count_usage(header, 1, 0)
+        return slot, int(tables.ugen[slot])
+
+    def _take(self, header: np.ndarray, nbytes: int, pid: int, slot: int) -> tuple[int, int, bool] | None:
+        """Place ``nbytes`` for unit ``slot``: ``(start, length, fresh)`` or None."""
+        tables = _Tables(header)
+        extents = tables.extents
+        cold_ok = header[_COMMITTED] + nbytes <= header[_CAP]
+        placed = extents.take(nbytes, pid, slot, cold_allowed=cold_ok)
+        if placed is None:
+            return None
+        row, start, fresh = placed
+        length = int(extents.length[row])
+        if fresh:
+            header[_COMMITTED] += length
+            header[_COMMITTED_HW] = max(header[_COMMITTED_HW], header[_COMMITTED])
+        tables.ubytes[slot] += length
+        self.state.count_usage(header, 0, length)
+        header[_WS_CUR] = max(header[_WS_CUR], header[H_BYTES])
+        return start, length, fresh
+
+    def _room_to_make(self, header: np.ndarray, nbytes: int) -> int:
+        """Warm bytes to give back so that ``nbytes`` of cold memory fits the cap."""
+        over = int(header[_COMMITTED]) + nbytes - int(header[_CAP])
+        warm = _Tables(header).extents.bytes_in(WARM)
+        return min(over, warm) if over > 0 and warm > 0 else 0
+
+    def _mark_trim(self, header: np.ndarray, excess: int, pid: int) -> list[tuple[int, int]]:
+        marked = _Tables(header).extents.mark_trim(align_up(excess, PAGE_SIZE), pid)
+        header[_COMMITTED] -= sum(length for _, length in marked)
+        return marked
+
+    def _give_back(self, marked: list[tuple[int, int]]) -> None:
+        """Punch the marked ranges (no lock held), then make them cold."""
+        if not marked:
+            return
+        state = self.state
+        mapping = state.mapping
+        try:
+            for start, length in marked:
+                mapping.release(state.header_bytes + start, length)
+        finally:
+            with state.locked() as header:
+                _Tables(header).extents.finish_trim(marked, current_pid())
+
+    def _excess(self, header: np.ndarray) -> int:
+        """Committed bytes above what the working set warrants (after a commit)."""
+        header[_WINDOW] += 1
+        if header[_WINDOW] >= WINDOW_UNITS:
+            header[_WS_PREV], header[_WS_CUR], header[_WINDOW] = header[_WS_CUR], header[H_BYTES], 0
+        working_set = int(max(header[_WS_PREV], header[_WS_CUR]))
+        keep = working_set * KEEP_NUM // KEEP_DEN + KEEP_SLACK
+        return int(header[_COMMITTED]) - keep
+
+    def trim(self, keep_bytes: int = 0) -> int:
+        """Give warm (free, committed) memory above ``keep_bytes`` back to the
+        kernel now; returns the bytes given back. Units in use are untouched."""
+        flush_leases()
+        with self.state.locked() as header:
+            excess = min(int(header[_COMMITTED]) - keep_bytes, _Tables(header).extents.bytes_in(WARM))
+            marked = self._mark_trim(header, excess, current_pid()) if excess > 0 else []
+        self._give_back(marked)
+        return sum(length for _, length in marked)
+
+    def _reclaim_dead(self, header: np.ndarray) -> int:
+        """Free units whose writer died mid-unit and ranges a dead process was
+        giving back. Their memory may be half committed: it is punched here."""
+        tables = _Tables(header)
+        extents = tables.extents
+        reclaimed = 0
+        for slot in np.flatnonzero(tables.ustate == WRITING):
+            if not pid_alive(int(tables.uowner[slot])):
+                self._drop_unit(header, int(slot), punch=True)
+                reclaimed += 1
+        for row in extents.rows_in(TRIM):
+            if not pid_alive(int(extents.owner[row])):
+                self.state.mapping.release(state_offset(self.state, int(extents.start[row])), int(extents.length[row]))
+                extents.finish_trim([(int(extents.start[row]), 0)], int(extents.owner[row]))
+                reclaimed += 1
+        return reclaimed
+
+    def _drop_unit(self, header: np.ndarray, slot: int, *, punch: bool) -> None:
+        _drop_unit(self.state, header, slot, punch=punch)
+
+    def release_function(self) -> Any:
+        """What a reader's lease tracker calls to free a unit (needs no open pool)."""
+        return functools.partial(release_unit, self.state)
+
+    def reclaim(self, producer_pids: "list[int] | tuple[int, ...]") -> int:
+        """Return units written by these (dead) producers that nobody will read."""
+        state = self.state
+        with state.locked() as header:
+            freed = self.reclaim_locked(header, producer_pids)
+        if freed:
+            state.wakeup.notify()
+        return freed
+
+    def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
+        """:meth:`reclaim` for a caller that already holds the arena lock."""
+        pids = {int(p) for p in producer_pids}
+        tables = _Tables(header)
+        freed = 0
+        for slot in np.flatnonzero((tables.ustate == WRITING) | (tables.ustate == FILLED)):
+            owner = int(tables.uowner[slot])
+            if owner in pids and not pid_alive(owner):
+                self._drop_unit(header, int(slot), punch=tables.ustate[slot] == WRITING)
+                freed += 1
+        return freed
+
+
+def state_offset(state: ArenaState, start: int) -> int:
+    """Offset in the memory file of data-region offset ``start``."""
+    return state.header_bytes + start
+
+
+def _drop_unit(state: ArenaState, header: np.ndarray, slot: int, *, punch: bool) -> None:
+    """Free unit ``slot`` and its extents: kept warm, or (``punch``, for memory
+    that may be half committed) given back and cold. Lock held."""
+    tables = _Tables(header)
+    extents = tables.extents
+    rows = extents.rows_of(slot)
+    if punch:
+        ranges = [(int(extents.start[r]), int(extents.length[r])) for r in rows]
+        for start, length in ranges:
+            state.mapping.release(state_offset(state, start), length)
+        extents.free_rows(rows, TRIM)
+        extents.finish_trim(ranges, 0)
+        header[_COMMITTED] -= sum(length for _, length in ranges)
+    else:
+        extents.free_rows(rows, WARM)
+    state.count_usage(header, -1, -int(tables.ubytes[slot]))
+    tables.ustate[slot], tables.uowner[slot], tables.ubytes[slot] = FREE, 0, 0
+
+
+def release_unit(state: ArenaState, header: np.ndarray, key: tuple[int, int]) -> None:
+    """Free restored unit ``key = (slot, generation)`` (lock held).
+
+    Takes the state, not the pool: it runs after ``close()`` too, when the last
+    view of a unit dies.
+    """
+    slot, gen = key
+    tables = _Tables(header)
+    if tables.ugen[slot] == gen and tables.ustate[slot] in (FILLED, HELD):
+        _drop_unit(state, header, slot, punch=False)
+
+
+def _rebuild_elastic(state: ArenaState, max_bytes: int, timeout: float) -> SharedMemoryElasticPool:
+    pool = SharedMemoryElasticPool.__new__(SharedMemoryElasticPool)
+    pool.max_bytes, pool.acquire_timeout = max_bytes, timeout
+    pool._state = state
+    return pool
+
+
+class ElasticWriter(CopyingWriter):
+    """Producer endpoint of a :class:`SharedMemoryElasticPool`."""
+
+    def __init__(self, pool: SharedMemoryElasticPool) -> None:
+        self._pool = pool
+        self._state = pool.state
+        self.token = self._state.token
+        self._slot: int | None = None
+        self._gen = 0
+        self._extents: list[tuple[int, int]] = []  # (start, length) of the open unit
+        self._used = 0  # bytes used in the last extent
+        self._unit_bytes = 0
+        self._timeout = pool.acquire_timeout
+        self.last_wait_seconds = 0.0
+
+    def reset(self) -> None:
+        """Abandon a unit left open (its space goes back to the pool)."""
+        if self._slot is not None:
+            self.abort_unit()
+
+    def begin_unit(self, timeout: float | None = None) -> None:
+        """Open a new unit; space is taken as its binaries are written."""
+        if self._slot is not None:
+            raise RuntimeError("begin_unit: a unit is already open; commit_unit() or abort_unit() it first")
+        self._timeout = self._pool.acquire_timeout if timeout is None else timeout
+        self.last_wait_seconds = 0.0
+        self._slot, self._gen = self._wait_for(self._new_unit_or_none, "a unit slot")
+        self._extents, self._used, self._unit_bytes = [], 0, 0
+
+    def _new_unit_or_none(self, header: np.ndarray, pid: int) -> Any:
+        return self._pool._new_unit(header, pid)
+
+    def _wait_for(self, attempt: Any, what: str, nbytes: int = 0) -> Any:
+        """Run ``attempt(header, pid)`` under the lock until it returns a value,
+        making room and reclaiming dead writers, waiting up to the timeout."""
+        pool, state = self._pool, self._state
+        pid = current_pid()
+        started = time.monotonic()
+        flush_leases()
+        while True:
+            marked: list[tuple[int, int]] = []
+            with state.locked() as header:
+                if state.shut_down:
+                    raise BufferError("SharedMemoryElasticPool was shut down while waiting for space")
+                result = attempt(header, pid)
+                if result is None and pool._reclaim_dead(header):
+                    result = attempt(header, pid)
+                if result is None and nbytes:
+                    room = pool._room_to_make(header, nbytes)
+                    if room:
+                        marked = pool._mark_trim(header, room, pid)
+                committed, cap, units = int(header[_COMMITTED]), int(header[_CAP]), int(header[H_UNITS])
+            if result is not None:
+                self.last_wait_seconds += time.monotonic() - started
+                return result
+            if marked:
+                pool._give_back(marked)
+                continue
+            waited = time.monotonic() - started
+            if waited >= self._timeout:
+                self.last_wait_seconds += waited
+                raise ArenaSpaceTimeout(
+                    f"SharedMemoryElasticPool: no room for {what} after {waited:.1f} s: "
+                    f"{format_bytes(committed)} of its {format_bytes(cap)} cap (max_bytes) is "
+                    f"committed to units in flight or held by restored views ({units} units). "
+                    "Drop restored batches sooner, raise max_bytes, or raise acquire_timeout."
+                )
+            state.wakeup.wait(self._timeout - waited)
+
+    def allocate(self, nbytes: int) -> tuple[int, np.ndarray]:
+        """Reserve ``nbytes`` in the open unit; returns ``(offset, writable uint8 view)``."""
+        if self._slot is None:
+            raise RuntimeError("no open unit: call begin_unit() first")
+        start = align_up(self._used, ALIGN)
+        if not self._extents or start + nbytes > self._extents[-1][1]:
+            self._grow(nbytes)
+            start = 0
+        base = self._extents[-1][0]
+        self._used = start + nbytes
+        return base + start, self._state.data_view(base + start, nbytes)
+
+    def _grow(self, nbytes: int) -> None:
+        pool = self._pool
+        need = align_up(max(nbytes, MIN_CHUNK, min(self._unit_bytes, MAX_GROWTH)), PAGE_SIZE)
+        if self._unit_bytes + align_up(nbytes, PAGE_SIZE) > pool.max_bytes:
+            raise BufferError(
+                f"a unit of at least {format_bytes(self._unit_bytes + nbytes)} "
+                f"({self._unit_bytes + nbytes} bytes) does not fit a pool capped at "
+                f"{format_bytes(pool.max_bytes)} ({pool.max_bytes} bytes); raise max_bytes"
+            )
+        if self._unit_bytes + need > pool.max_bytes:
+            need = align_up(nbytes, PAGE_SIZE)
+        slot = self._slot
+        start, length, fresh = self._wait_for(
+            lambda header, pid: pool._take(header, need, pid, slot), format_bytes(need), need
+        )
+        self._extents.append((start, length))
+        self._used = 0
+        self._unit_bytes += length
+        if fresh:
+            try:
+                commit_range(self._state.files.memory_fd, self._state.header_bytes + start, length,
+                             f"a unit of {pool!r}")
+            except MemoryError:
+                self.abort_unit(punch=True)
+                raise
+
+    def locate(self, address: int, nbytes: int) -> int | None:
+        """Offset of memory already inside the open unit, else ``None`` (no copy needed)."""
+        rel = address - self._state.data_address
+        for start, length in self._extents:
+            if start <= rel and rel + nbytes <= start + length:
+                return rel
+        return None
+
+    def commit_unit(self) -> int:
+        """Close the unit (its unused tail goes back); returns its span."""
+        slot = self._slot
+        if slot is None:
+            raise RuntimeError("no open unit: call begin_unit() first")
+        pool, state = self._pool, self._state
+        with state.locked() as header:
+            tables = _Tables(header)
+            if self._extents:
+                start, length = self._extents[-1]
+                keep = align_up(self._used, PAGE_SIZE)
+                row = tables.extents.row_containing(start, length)
+                if row >= 0 and keep < length:
+                    tail = tables.extents.shrink(row, keep)
+                    tables.ubytes[slot] -= tail
+                    state.count_usage(header, 0, -tail)
+            tables.ustate[slot] = FILLED
+            excess = pool._excess(header)
+            marked = pool._mark_trim(header, excess, current_pid()) if excess > 0 else []
+        self._slot = None
+        pool._give_back(marked)
+        return (self._gen << 32) | slot
+
+    def abort_unit(self, *, punch: bool = False) -> None:
+        """Discard the open unit; its space is free again (given back to the
+        kernel with ``punch``, for memory that may be half committed)."""
+        slot = self._slot
+        if slot is None:
+            raise RuntimeError("no open unit: call begin_unit() first")
+        self._slot = None
+        state = self._state
+        with state.locked() as header:
+            tables = _Tables(header)
+            if tables.ugen[slot] == self._gen and tables.ustate[slot] == WRITING:
+                self._pool._drop_unit(header, slot, punch=punch)
+        state.wakeup.notify()
+

@@ -1,0 +1,119 @@
+"""The consumer side of the elastic pool: zero-copy units over their extents.
+
+A restored unit holds one *lease* per extent: a ``uint8`` array made straight
+from the mapping, from which every view the codec hands out is sliced, so the
+lease lives while any view does. When the unit is finished the leases (and
+whatever the codec pins) go to a :class:`~torch_arena._lease.LeaseTracker`;
+the unit's extents become free once all of them are gone. Every binary an
+envelope names is checked against the extents the shared table gives the
+unit, before any memory is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._base import FILLED, HELD
+from ._lease import LeaseTracker
+from ._lease import flush as flush_leases
+from ._sync import current_pid
+
+__all__ = ["ElasticReader", "ElasticUnit"]
+
+
+class ElasticUnit:
+    """One restored unit: bounds-checked zero-copy views, released when they die."""
+
+    zero_copy = True
+
+    def __init__(self, reader: "ElasticReader", slot: int, gen: int, extents: list[tuple[int, int]]) -> None:
+        self._tracker = reader.tracker
+        self.key = (slot, gen)
+        self.extents = extents
+        state = reader.state
+        self.leases: list[np.ndarray] | None = [state.anchored_view(start, n) for start, n in extents]
+
+    def view(self, offset: int, nbytes: int) -> np.ndarray:
+        """``uint8`` view of ``nbytes`` at ``offset``; ValueError if outside the unit."""
+        if self.leases is not None and nbytes >= 0:
+            for (start, length), lease in zip(self.extents, self.leases):
+                if start <= offset and offset + nbytes <= start + length:
+                    return lease[offset - start : offset - start + nbytes]
+        raise ValueError(
+            f"corrupt envelope: binary at offset {offset} (+{nbytes} bytes) lies outside the "
+            f"extents of its unit {self.extents}"
+        )
+
+    def finish(self, pinned: "list[object] | tuple[object, ...]" = ()) -> None:
+        """The unit is read: free it once every lease and pinned anchor is gone."""
+        leases, self.leases = self.leases, None
+        if leases is not None:
+            self._tracker.hold(self.key, [*leases, *pinned])
+
+
+class ElasticReader:
+    """Consumer endpoint of a :class:`~torch_arena.SharedMemoryElasticPool`."""
+
+    zero_copy = True
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self.state = pool.state
+        self.token = self.state.token
+        self.tracker = LeaseTracker(self.state, pool.release_function())
+        self._open: dict[int, ElasticUnit] = {}
+
+    def reset(self) -> None:
+        """Views kept from earlier iterations stay valid; units whose views are
+        all gone but whose release never ran (an interrupt) are freed."""
+        self.tracker.sweep()
+
+    def open_unit(self, span: int) -> ElasticUnit:
+        """Claim the committed unit ``span`` for reading."""
+        slot, gen = span & 0xFFFFFFFF, span >> 32
+        pool = self._pool
+        flush_leases()
+        with self.state.locked() as header:
+            tables = pool.tables(header)
+            if not 0 <= slot < len(tables.ustate):
+                raise ValueError(f"corrupt envelope: span {span} names unit slot {slot} of {len(tables.ustate)}")
+            if tables.ugen[slot] != gen or tables.ustate[slot] != FILLED:
+                raise ValueError(
+                    f"stale or corrupt envelope: unit {slot} generation {gen} is not waiting to be "
+                    f"read (generation {int(tables.ugen[slot])}); an envelope can be restored once"
+                )
+            tables.ustate[slot], tables.uowner[slot] = HELD, current_pid()
+            extents = tables.extents
+            rows = extents.rows_of(slot)
+            ranges = [(int(extents.start[r]), int(extents.length[r])) for r in rows]
+        unit = ElasticUnit(self, slot, gen, ranges)
+        # Until finish() hands the unit to its views, the unit object holds it:
+        # an interrupt in between still frees it when the object goes.
+        self.tracker.hold(unit.key, [unit])
+        return unit
+
+    def _unit_holding(self, offset: int, nbytes: int) -> ElasticUnit:
+        with self.state.locked() as header:
+            tables = self._pool.tables(header)
+            row = tables.extents.row_containing(offset, nbytes)
+            if row < 0:
+                raise ValueError(f"corrupt envelope: binary at offset {offset} (+{nbytes} bytes) is in no unit")
+            slot = int(tables.extents.unit[row])
+            gen = int(tables.ugen[slot])
+        unit = self._open.get(slot)
+        if unit is None or unit.key[1] != gen:
+            unit = self._open[slot] = self.open_unit((gen << 32) | slot)
+        return unit
+
+    def read_binary(self, offset: int, nbytes: int) -> memoryview:
+        """Zero-copy view of one binary (SPDL's protocol; see :func:`torch_arena.restore`)."""
+        return memoryview(self._unit_holding(offset, nbytes).view(offset, nbytes))
+
+    def end_unit(self, span: int, pinned: "list[object]") -> None:
+        """Unit read: its extents free once every view of it (and ``pinned``) is gone."""
+        unit = self._open.pop(span & 0xFFFFFFFF, None)
+        if unit is None:
+            unit = self.open_unit(span)
+        unit.finish(pinned)

@@ -1,0 +1,193 @@
+"""Leases: a restored unit's space goes back when the last view of it dies.
+
+A zero-copy restore hands out views into shared memory; the unit they point
+into may be reused only once every one of them is gone. The obvious way, a
+Python ``weakref.finalize`` callback per view, loses releases: a
+``KeyboardInterrupt`` (or any signal handler that raises) that lands inside a
+finalizer is printed and swallowed by Python, and the release with it. The
+segment then stays reserved until something sweeps it up.
+
+Here the callback of each view's weak reference is ``SimpleQueue.put`` of one
+process-wide queue: a single C call, which no signal handler can interrupt
+half-way. A daemon thread (signals are only ever handled in the main thread)
+takes the dead references off the queue, counts each lease down, and frees a
+unit under the arena lock once all its views are gone. Nothing in the
+training loop's thread waits for the arena lock to drop a batch.
+
+After ``fork`` the child starts with an empty registry: views it inherited
+belong to its parent, which releases them.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from ._sync import current_pid
+
+__all__ = ["LeaseTracker", "flush"]
+
+
+class _Reaper:
+    """The process-wide queue of dead references and the thread that drains it."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[weakref.ref] = queue.SimpleQueue()
+        # id(ref) -> (tracker, key, ref); holds the tracker (and so its arena
+        # state) only while one of its leases is outstanding.
+        self.entries: dict[int, tuple[LeaseTracker, Hashable, weakref.ref]] = {}
+        self.lock = threading.Lock()
+        # Held for a whole drain, releases included: flush() waits for one the
+        # thread has started, so nothing dead is still on its way back after it.
+        self.drain_lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.pid = current_pid()
+
+    def ensure_running(self) -> None:
+        if self.thread is None:
+            thread = threading.Thread(target=self._run, name="torch_arena-lease-reaper", daemon=True)
+            thread.start()
+            self.thread = thread
+
+    def _run(self) -> None:
+        q = self.queue
+        while True:
+            dead = [q.get()]
+            with self.drain_lock:
+                self.drain(dead)
+            del dead
+
+    def drain(self, dead: "list[weakref.ref]") -> None:
+        """Count down the leases of ``dead`` references (and any queued with
+        them), and release the units whose views are now all gone."""
+        q = self.queue
+        while True:
+            try:
+                dead.append(q.get_nowait())
+            except queue.Empty:
+                break
+        expired: dict[LeaseTracker, list[Hashable]] = {}
+        with self.lock:
+            for ref in dead:
+                entry = self.entries.pop(id(ref), None)
+                if entry is not None and entry[2] is ref:
+                    tracker, key, _ = entry
+                    if tracker._count_down(key):
+                        expired.setdefault(tracker, []).append(key)
+        dead.clear()
+        for tracker, keys in expired.items():
+            tracker._release(keys)
+
+
+_reaper = _Reaper()
+
+
+def _after_fork_in_child() -> None:
+    global _reaper
+    _reaper = _Reaper()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def flush() -> None:
+    """Release, in this thread and now, the units whose last view has died.
+
+    The reaper thread does the same a moment later; arena calls run this
+    first so what they report (usage, states) and what a writer in this
+    process finds free does not depend on thread scheduling. Never call it
+    with an arena lock held.
+    """
+    reaper = _reaper
+    if reaper.thread is not None:
+        with reaper.drain_lock:
+            reaper.drain([])
+
+
+class LeaseTracker:
+    """The leases one process holds on one arena's units.
+
+    Args:
+        state: The arena's per-process state (its ``locked()`` and ``wakeup``).
+        release: Called with the header under the arena lock for each key
+            whose views are all gone.
+    """
+
+    def __init__(self, state: Any, release: Callable[[Any, Hashable], None]) -> None:
+        self.state = state
+        self.release_locked = release
+        self.pid = current_pid()
+        self._remaining: dict[Hashable, int] = {}
+        self._refs: dict[Hashable, list[weakref.ref]] = {}
+
+    def hold(self, key: Hashable, anchors: Iterable[object]) -> None:
+        """Keep ``key`` reserved until every anchor that can be weakly referenced
+        dies; replaces the anchors an earlier :meth:`hold` gave for ``key``."""
+        reaper = _reaper
+        put = reaper.queue.put
+        refs = []
+        for anchor in anchors:
+            try:
+                refs.append(weakref.ref(anchor, put))
+            except TypeError:
+                continue  # cannot be tracked; the other anchors cover it
+        with reaper.lock:
+            for ref in self._refs.get(key, ()):  # a new set of anchors replaces the old
+                reaper.entries.pop(id(ref), None)
+            self._remaining[key] = len(refs)
+            self._refs[key] = refs
+            for ref in refs:
+                reaper.entries[id(ref)] = (self, key, ref)
+        reaper.ensure_running()
+        if not refs:
+            self._release([key])
+
+    def _count_down(self, key: Hashable) -> bool:
+        # Called with the reaper lock held.
+        left = self._remaining.get(key)
+        if left is None:
+            return False
+        if left > 1:
+            self._remaining[key] = left - 1
+            return False
+        del self._remaining[key]
+        self._refs.pop(key, None)
+        return True
+
+    def _release(self, keys: list[Hashable]) -> None:
+        if current_pid() != self.pid or sys.is_finalizing():
+            return
+        state = self.state
+        try:
+            with state.locked() as header:
+                for key in keys:
+                    self.release_locked(header, key)
+            state.wakeup.notify()
+        except Exception as exc:  # noqa: BLE001 - never kill the reaper thread
+            print(f"torch_arena: could not release arena space: {exc!r}", file=sys.stderr)
+
+    @property
+    def held(self) -> int:
+        """How many units this process still holds leases on."""
+        return len(self._remaining)
+
+    def sweep(self) -> None:
+        """Free leases whose anchors are all dead but whose release never ran
+        (an interrupt between taking the views and :meth:`hold` returning)."""
+        reaper = _reaper
+        stale = []
+        with reaper.lock:
+            for key, refs in list(self._refs.items()):
+                if refs and all(ref() is None for ref in refs):
+                    stale.append(key)
+                    del self._refs[key]
+                    self._remaining.pop(key, None)
+                    for ref in refs:
+                        reaper.entries.pop(id(ref), None)
+        if stale:
+            self._release(stale)
