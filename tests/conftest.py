@@ -196,7 +196,17 @@ def ring():
     arena.close()
 
 
-@pytest.fixture(params=["pool", "ring"])
+@pytest.fixture
+def elastic():
+    """An elastic pool capped at 256 MiB, 2 s acquire timeout."""
+    import torch_arena as ta
+
+    arena = ta.SharedMemoryElasticPool("256MiB", acquire_timeout=2.0)
+    yield arena
+    arena.close()
+
+
+@pytest.fixture(params=["pool", "ring", "elastic"])
 def arena(request):
     """Each backend in turn."""
     return request.getfixturevalue(request.param)

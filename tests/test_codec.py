@@ -34,7 +34,8 @@ def assert_arena_idle(arena) -> None:
 
 
 def is_pool(arena) -> bool:
-    return isinstance(arena, ta.SharedMemorySegmentPool)
+    """Whether ``arena`` restores zero-copy views (the fixed or the elastic pool)."""
+    return isinstance(arena, (ta.SharedMemorySegmentPool, ta.SharedMemoryElasticPool))
 
 
 # -- bytes-likes ---------------------------------------------------------------------------

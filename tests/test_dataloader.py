@@ -244,9 +244,9 @@ def test_early_break_releases_space(persistent):
 
 
 def test_oversize_batch_falls_back_with_one_warning():
-    loader = ta.ArenaDataLoader(Samples(), batch_size=8, num_workers=2, arena="pool", arena_budget=1 << 20)
+    loader = ta.ArenaDataLoader(Samples(), batch_size=8, num_workers=2, arena="pool", arena_budget="64KiB")
     expected = collect(DataLoader(Samples(), batch_size=8, num_workers=2))
-    with pytest.warns(ta.ArenaFallbackWarning, match="does not fit a segment") as record:
+    with pytest.warns(ta.ArenaFallbackWarning, match=r"does not fit a pool capped at 64\.0 KiB.*arena_budget >=") as record:
         got = collect(loader)
     assert len([w for w in record if issubclass(w.category, ta.ArenaFallbackWarning)]) == 1
     for a, b in zip(got[0], expected[0]):
@@ -263,9 +263,9 @@ def test_oversize_batch_raises_when_asked():
 
 def test_held_batches_fall_back_after_the_timeout_not_hang():
     loader = ta.ArenaDataLoader(Samples(40), batch_size=2, num_workers=2, arena="pool",
-                                arena_budget=6 << 20, arena_timeout=0.2)
-    with pytest.warns(ta.ArenaFallbackWarning, match="keeps batches alive"):
-        kept = [b for b in loader]  # every batch held: the pool runs dry
+                                arena_budget="256KiB", arena_timeout=0.2)
+    with pytest.warns(ta.ArenaFallbackWarning, match=r"at its budget \(arena_budget=256\.0 KiB\).*keep fewer batches alive"):
+        kept = [b for b in loader]  # every batch held: the pool reaches its cap
     assert len(kept) == 20
     assert [int(x) for b in kept for x in b["label"]] == list(range(40))
     assert loader.arena_stats.fallbacks > 0 and loader.arena_stats.batches > 0

@@ -43,12 +43,15 @@ def check_item(item: dict) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["pool", "ring"])
+@pytest.mark.parametrize("backend", ["pool", "elastic", "ring"])
 def test_arena_as_spdl_pipeline_arena(backend):
     if spdl_pipeline is None:
         pytest.skip(_SPDL_MISSING)
+    zero_copy = backend != "ring"
     if backend == "pool":
         arena = ta.SharedMemorySegmentPool(512 * 1024, 8)
+    elif backend == "elastic":
+        arena = ta.SharedMemoryElasticPool("64MiB", acquire_timeout=30.0)
     else:
         arena = ta.SharedMemoryRingBuffer(4 << 20, acquire_timeout=30.0)
     config = (
@@ -64,8 +67,8 @@ def test_arena_as_spdl_pipeline_arena(backend):
         seen = []
         for item in src:
             check_item(item)
-            if backend == "pool":
-                # SPDL's own codec over our reader: zero-copy views into our segments
+            if zero_copy:
+                # SPDL's own codec over our reader: zero-copy views into our memory
                 assert type(item["raw"]) is memoryview
                 assert inside_arena(arena, item["array"]) and inside_arena(arena, item["tensor"])
             else:
@@ -79,12 +82,12 @@ def test_arena_as_spdl_pipeline_arena(backend):
     for item in kept:  # never overwritten by the second epoch
         check_item(item)
     del item
-    if backend == "pool":
-        assert arena.segment_states().count("restored") == len(kept)
+    if zero_copy:
+        assert arena.usage()["units_in_use"] == len(kept)
     del kept
     collect()
-    if backend == "pool":
-        assert arena.segment_states().count("restored") == 0
+    if zero_copy:
+        assert arena.usage()["units_in_use"] == 0
     del src  # SPDL's teardown closes the arena it was given
     gc.collect()
     assert arena.closed
@@ -135,12 +138,12 @@ def test_packets_handler_with_stand_in(arena):
     assert out["audio"].__getstate__() == payload
     assert out["small"].__getstate__() == b"tiny" and out["small"].how == "setstate"
     assert type(out["video"]) is VideoPackets and out["video"].data == b"v" * 1000
-    if isinstance(arena, ta.SharedMemorySegmentPool):
+    if arena.open_reader().zero_copy:
         assert out["audio"].how == "deserialize_view"
-        assert inside_arena(arena, out["audio"]._data)  # aliases the segment
-        assert arena.segment_states().count("restored") == 1
+        assert inside_arena(arena, out["audio"]._data)  # aliases the unit's memory
+        assert arena.usage()["units_in_use"] == 1
         del out
-        assert arena.segment_states().count("restored") == 0
+        assert arena.usage()["units_in_use"] == 0
     else:
         assert out["audio"].how == "deserialize"
         del out
@@ -181,8 +184,8 @@ def test_real_spdl_audio_packets_round_trip(arena, spdl_io, tmp_path):
     assert out["audio"].__getstate__() == state
     assert out["audio"].sample_rate == packets.sample_rate == 16_000
     assert out["audio"].num_channels == packets.num_channels == 2
-    if isinstance(arena, ta.SharedMemorySegmentPool):
-        assert arena.segment_states().count("restored") == 1  # the view pins its segment
+    if arena.open_reader().zero_copy:
+        assert arena.usage()["units_in_use"] == 1  # the view pins its unit
     # the restored packets decode like the originals
     a = spdl_io.to_numpy(spdl_io.convert_frames(spdl_io.decode_packets(packets.clone())))
     b = spdl_io.to_numpy(spdl_io.convert_frames(spdl_io.decode_packets(out["audio"].clone())))

@@ -1,12 +1,14 @@
 """torch_arena: pre-allocated shared-memory arenas for the PyTorch data path.
 
 Workers write each batch once into recycled shared memory; the training
-process gets zero-copy views (segment pool) or cheap private copies (ring
-buffer) instead of unpickling or mapping fresh memory for every batch.
+process gets zero-copy views (the elastic pool, which sizes itself, or the
+fixed segment pool) or cheap private copies (ring buffer) instead of
+unpickling or mapping fresh memory for every batch.
 """
 
 from ._codec import DEFAULT_THRESHOLD, offload, restore
 from ._dataloader import ArenaDataLoader
+from ._elastic import SharedMemoryElasticPool
 from ._handlers import PayloadHandler, register_handler, unregister_handler
 from ._pool import SharedMemorySegmentPool
 from ._reducer import arena_reducer
@@ -24,6 +26,7 @@ __all__ = [
     "arena_reducer",
     "install_reducer",
     "uninstall_reducer",
+    "SharedMemoryElasticPool",
     "SharedMemoryRingBuffer",
     "SharedMemorySegmentPool",
     "offload",

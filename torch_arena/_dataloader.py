@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _MultiProcessingDataLoaderIter
 
 from ._codec import DEFAULT_THRESHOLD
-from ._session import ArenaSession, ArenaStats, arena_slots, default_budget, make_arena
+from ._memory import parse_bytes
+from ._session import ArenaSession, ArenaStats, arena_slots, make_arena, warn_if_pool_too_small
 from ._worker import ArenaCollate
 
 __all__ = ["ArenaDataLoader"]
@@ -60,20 +61,26 @@ class ArenaDataLoader(DataLoader):
     arguments:
 
     Args:
-        arena: ``"pool"`` (zero-copy views; the default), ``"ring"`` (private
-            copies), an arena instance you own (shared by all the loader's
-            iterators), or ``None`` / ``"none"`` for exactly the stock transport
-            (the A side of an A/B comparison). Ignored with ``num_workers=0``.
-        arena_budget: Bytes for an arena the loader makes. Default: room for a
-            64 MiB batch per slot (``num_workers × prefetch_factor + 2``), at
-            most an eighth of the memory available. A pool splits it into one
-            segment per slot.
+        arena: ``"pool"`` (the default: an elastic pool, zero-copy views, sized
+            by the batches themselves), ``"ring"`` (private copies), an arena
+            instance you own (shared by all the loader's iterators), or
+            ``None`` / ``"none"`` for exactly the stock transport (the A side
+            of an A/B comparison). Ignored with ``num_workers=0``.
+        arena_budget: For ``"pool"``: the most memory the arena may commit
+            (default: half of the memory available when the first iterator
+            starts); nothing is committed until batches need it, and memory
+            above the recent working set goes back. For ``"ring"``: its size
+            (default: room for a 64 MiB batch per slot, ``num_workers ×
+            prefetch_factor + 2``, at most an eighth of the memory available).
+            Bytes as an int, an integral float (``1.5e9``) or a string
+            (``"4GiB"``, ``"512MB"``).
         arena_overflow: ``"fallback"`` (default): a batch that does not fit
             travels by torch's default path, with one warning and a count in
             :attr:`arena_stats`; ``"raise"``: a :class:`BufferError` that says
             what to change.
-        arena_timeout: Seconds a worker waits for space (every segment held by
-            batches the training loop keeps) before falling back or raising.
+        arena_timeout: Seconds a worker waits for space (the arena at its
+            budget with batches the training loop keeps) before falling back
+            or raising.
         arena_threshold: Tensors, arrays and bytes smaller than this travel
             inline in the envelope.
     """
@@ -99,17 +106,15 @@ class ArenaDataLoader(DataLoader):
         pin_memory_device: str = "",
         in_order: bool = True,
         arena: Any = "pool",
-        arena_budget: int | None = None,
+        arena_budget: int | float | str | None = None,
         arena_overflow: str = "fallback",
         arena_timeout: float = 2.0,
         arena_threshold: int = DEFAULT_THRESHOLD,
         **kwargs: Any,
     ) -> None:
         arena = _validate_arena(arena)
-        if arena_budget is not None and (
-            isinstance(arena_budget, bool) or not isinstance(arena_budget, int) or arena_budget <= 0
-        ):
-            raise ValueError(f"arena_budget must be a positive number of bytes or None, got {arena_budget!r}")
+        if arena_budget is not None:
+            arena_budget = parse_bytes(arena_budget, "arena_budget")
         if arena_overflow not in _OVERFLOW:
             raise ValueError(f"arena_overflow must be 'fallback' or 'raise', got {arena_overflow!r}")
         if isinstance(arena_timeout, bool) or not isinstance(arena_timeout, (int, float)) or not arena_timeout >= 0:
@@ -199,10 +204,10 @@ class ArenaDataLoader(DataLoader):
             session = None
         if session is None:
             if isinstance(self.arena, str):
-                budget = self.arena_budget or default_budget(slots)
-                arena = make_arena(self.arena, budget, slots, self.arena_timeout)
+                arena = make_arena(self.arena, self.arena_budget, slots, self.arena_timeout)
                 session = ArenaSession(arena, owned=True, slots=slots)
             else:
+                warn_if_pool_too_small(self.arena, slots)
                 session = ArenaSession(self.arena, owned=False, slots=slots)
             self._arena_session, self._arena_session_key = session, key
         return session

@@ -19,14 +19,15 @@ import weakref
 from typing import Any
 
 from ._codec import restore
+from ._elastic import SharedMemoryElasticPool
 from ._memory import PAGE_SIZE, available_memory, format_bytes
 from ._pool import SharedMemorySegmentPool
 from ._ring import SharedMemoryRingBuffer
 from ._sync import current_pid, pid_alive
 
-__all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "default_budget"]
+__all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "default_budget", "make_arena"]
 
-#: Room for one batch in a default-sized arena.
+#: Room for one batch in a default-sized ring.
 DEFAULT_BATCH_ROOM = 64 << 20
 #: Batches a training loop may hold beyond torch's prefetch window (the current
 #: and the previous batch while ``next()`` runs).
@@ -52,7 +53,14 @@ class ArenaStats:
     high_water_units: int = 0
     """Most units (batches) in the arena at once."""
     high_water_bytes: int = 0
-    """Most payload bytes in the arena at once."""
+    """Most bytes in the arena at once (batches in flight plus those the loop holds)."""
+    bytes_in_flight: int = 0
+    """Bytes in the arena now: batches in flight plus those the loop still holds."""
+    committed_bytes: int = 0
+    """Memory the arena holds now (an elastic pool's grows and shrinks with the
+    batches; a fixed pool's or ring's is its whole size)."""
+    committed_high_water: int = 0
+    """The most memory the arena has held at once."""
     last_fallback_reason: str = ""
     """Why the latest fallback happened."""
 
@@ -63,7 +71,7 @@ def arena_slots(num_workers: int, prefetch_factor: int, pin_memory: bool) -> int
 
 
 def default_budget(slots: int) -> int:
-    """Bytes for a loader's arena: room for one batch per slot, within an
+    """Bytes for a loader's ring: room for one batch per slot, within an
     eighth of the memory available now."""
     available, _ = available_memory()
     budget = slots * DEFAULT_BATCH_ROOM
@@ -72,12 +80,27 @@ def default_budget(slots: int) -> int:
     return budget
 
 
-def make_arena(kind: str, budget: int, slots: int, timeout: float) -> Any:
-    """A pool of ``slots`` equal segments, or a ring, within ``budget`` bytes."""
+def make_arena(kind: str, budget: int | None, slots: int, timeout: float) -> Any:
+    """The arena a loader makes: an elastic pool capped at ``budget`` (default:
+    half the memory available), or a ring of ``budget`` bytes (default:
+    :func:`default_budget`)."""
     if kind == "pool":
-        segment = max(PAGE_SIZE, budget // slots // PAGE_SIZE * PAGE_SIZE)
-        return SharedMemorySegmentPool(segment, slots, acquire_timeout=timeout)
-    return SharedMemoryRingBuffer(budget, acquire_timeout=timeout)
+        return SharedMemoryElasticPool(budget, acquire_timeout=timeout)
+    return SharedMemoryRingBuffer(budget or default_budget(slots), acquire_timeout=timeout)
+
+
+def warn_if_pool_too_small(arena: Any, slots: int) -> None:
+    """Warn when a user's fixed pool has fewer segments than batches in flight."""
+    if isinstance(arena, SharedMemorySegmentPool) and arena.count < slots:
+        warnings.warn(
+            f"torch_arena: the loader's SharedMemorySegmentPool has {arena.count} segments, but "
+            f"the loader keeps up to {slots} batches in flight or held (num_workers × "
+            f"prefetch_factor + {HELD_BATCHES}): workers will wait for segments, and batches "
+            f"may fall back to torch's transport. Pass count >= {slots}, or arena='pool' "
+            "(an elastic pool that sizes itself).",
+            ArenaFallbackWarning,
+            stacklevel=4,
+        )
 
 
 _sessions: "weakref.WeakValueDictionary[int, ArenaSession]" = weakref.WeakValueDictionary()
@@ -171,6 +194,10 @@ class ArenaSession:
             marks = usage()
             stats.high_water_units = marks["units_high_water"]
             stats.high_water_bytes = marks["bytes_high_water"]
+            stats.bytes_in_flight = marks["bytes_in_use"]
+            whole = getattr(self.arena, "capacity", 0)
+            stats.committed_bytes = marks.get("committed_bytes", whole)
+            stats.committed_high_water = marks.get("committed_high_water", whole)
         return stats
 
     def close(self) -> None:
@@ -208,6 +235,8 @@ def session_for(token: int) -> ArenaSession:
 
 def describe_arena(arena: Any) -> str:
     """A short description for messages."""
+    if isinstance(arena, SharedMemoryElasticPool):
+        return f"an elastic pool capped at {format_bytes(arena.max_bytes)}"
     if isinstance(arena, SharedMemorySegmentPool):
         return f"a pool of {arena.count} segments of {format_bytes(arena.segment_size)}"
     if isinstance(arena, SharedMemoryRingBuffer):

@@ -27,7 +27,9 @@ from torch._C import _error_if_any_worker_fails
 from torch._utils import ExceptionWrapper
 from torch.utils.data._utils.collate import default_collate
 
+from ._base import ArenaSpaceTimeout
 from ._codec import offload_open_unit, pack_envelope
+from ._elastic import SharedMemoryElasticPool
 from ._collate import arena_default_collate, collating_into
 from ._memory import format_bytes
 from ._session import describe_arena, session_for
@@ -160,11 +162,8 @@ class ArenaCollate:
         try:
             writer.begin_unit(timeout=self._next_timeout)
         except BufferError as exc:
-            # Every segment is held: wait no more until one frees up again, so a
-            # loop that keeps all its batches does not pay the timeout per batch.
             self._next_timeout = 0.0
-            return self._fall_back(data, None, str(exc), time.monotonic() - started, held=True)
-        self._next_timeout = self.timeout
+            return self._fall_back(data, None, exc, time.monotonic() - started)
         batch = None
         try:
             if self._into_arena:
@@ -174,37 +173,61 @@ class ArenaCollate:
                 batch = self.collate_fn(data)
             body, nbytes = offload_open_unit(batch, writer, self.threshold)
             span = writer.commit_unit()
-        except BufferError as exc:
-            writer.abort_unit()
+        except (BufferError, MemoryError) as exc:
+            writer.reset()
+            if isinstance(exc, ArenaSpaceTimeout):
+                # The arena is full of batches the loop keeps: wait no more until
+                # one fits again, so the loop does not pay the timeout per batch.
+                self._next_timeout = 0.0
             if self._into_arena:
                 batch = None  # its tensors pointed into the aborted unit
-            return self._fall_back(data, batch, str(exc), writer.last_wait_seconds)
+            return self._fall_back(data, batch, exc, writer.last_wait_seconds)
         except BaseException:
-            writer.abort_unit()
+            writer.reset()
             raise
+        self._next_timeout = self.timeout
         return ArenaBatch(token, pack_envelope(token, span, body), nbytes, writer.last_wait_seconds)
 
-    def _fall_back(self, data: Any, batch: Any, cause: str, waited: float, held: bool = False) -> Any:
+    def _advice(self, exc: BaseException, need: int) -> str:
+        """What to change, in the loader's own terms where the loader made the arena."""
+        arena, slots = self.arena, self.slots_hint
+        elastic = isinstance(arena, SharedMemoryElasticPool)
+        if isinstance(exc, MemoryError):
+            return (
+                "; the kernel refused more shared memory: free memory, lower num_workers or "
+                "prefetch_factor, or set a smaller arena_budget"
+            )
+        if isinstance(exc, ArenaSpaceTimeout) and elastic:
+            return (
+                f"; the arena is at its budget (arena_budget={format_bytes(arena.max_bytes)}) with "
+                "batches in flight or still alive in the training loop, and none was released "
+                f"within arena_timeout={self.timeout:g} s: keep fewer batches alive (copy what you "
+                f"keep with .clone()), raise arena_budget (e.g. arena_budget='"
+                f"{format_bytes(2 * arena.max_bytes).replace(' ', '').replace('.0', '')}'), or raise "
+                "arena_timeout"
+            )
+        if isinstance(exc, ArenaSpaceTimeout):
+            return (
+                "; the training loop keeps batches alive (or the pool has fewer segments than "
+                f"the {slots} batches torch keeps in flight), so keep fewer of them (or "
+                "copy what you keep), or pass a pool with a segment for each: "
+                f"arena=SharedMemorySegmentPool(segment_size={need + (64 << 10)}, "
+                f"count={slots} + batches kept), or arena='pool' (an elastic pool)"
+            )
+        return (
+            f"; give it room for every batch in flight, e.g. arena_budget >= "
+            f"{format_bytes(need * slots)} ({slots} × the batch)"
+        )
+
+    def _fall_back(self, data: Any, batch: Any, exc: BaseException, waited: float) -> Any:
         if batch is None:
             batch = self.collate_fn(data)
         need = payload_bytes(batch)
         reason = (
-            f"{cause.rstrip('.')}. The batch holds {format_bytes(need)}; the loader's arena is "
+            f"{str(exc).rstrip('.')}. The batch holds {format_bytes(need)}; the loader's arena is "
             f"{describe_arena(self.arena)}"
         )
-        if held:
-            advice = (
-                "; the training loop keeps batches alive (or the pool has fewer segments than "
-                f"the {self.slots_hint} batches torch keeps in flight), so keep fewer of them (or "
-                "copy what you keep), or pass a pool with a segment for each: "
-                f"arena=SharedMemorySegmentPool(segment_size={need + (64 << 10)}, "
-                f"count={self.slots_hint} + batches kept)"
-            )
-        else:
-            advice = (
-                f"; give it room for every batch in flight, e.g. arena_budget >= "
-                f"{format_bytes(need * self.slots_hint)} ({self.slots_hint} × the batch)"
-            )
+        advice = self._advice(exc, need)
         if self.overflow == "raise":
             raise BufferError(
                 f"torch_arena: batch did not fit the arena: {reason}{advice}, or pass "
