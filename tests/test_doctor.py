@@ -55,6 +55,7 @@ def test_plain_report_names_every_fact():
         "recommendation for batches of 64.0 MiB, num_workers=2, prefetch_factor=2",
         "slots             6 = 2 workers x 2 prefetched + 2 held by the loop",
         "SharedMemorySegmentPool(segment_size=",
+        "ArenaDataLoader(..., arena='pool')  # elastic pool, no size to give",
         "SharedMemoryRingBuffer(capacity=",
         "arena_budget=",
     ):
@@ -95,20 +96,33 @@ def test_recommendation_arithmetic(report_json):
     assert recommend(16 * MiB, 4, 3, pin_memory=True)["slots"] == slots + 1
 
 
-def test_recommended_budget_gives_the_loader_these_segments():
-    """arena_budget=... makes the loader split it into exactly the recommended
-    segments, and a batch of the stated size fits one."""
+def test_recommended_sizes_fit_the_batch_in_every_backend():
+    """The fixed pool of the recommended segments and the loader's ring of the
+    recommended budget each take a batch of the stated size; the loader's
+    default pool needs no size and commits about what the report says."""
     batch_bytes = 300_000
     rec = recommend(batch_bytes, 2, 2)
-    pool = make_arena("pool", rec["arena_budget"], rec["slots"], 0.0)
+    batch = {"x": torch.ones(batch_bytes // 2 // 4), "y": np.ones(batch_bytes // 2, dtype=np.uint8)}
+    arenas = [
+        ta.SharedMemorySegmentPool(rec["segment_size"], rec["count"]),
+        make_arena("ring", rec["arena_budget"], rec["slots"], 0.0),
+        make_arena("pool", None, rec["slots"], 0.0),
+    ]
+    assert arenas[1].capacity == rec["ring_capacity"]
+    assert isinstance(arenas[2], ta.SharedMemoryElasticPool)
+    # half the memory available, read a moment apart on a machine others use
+    assert abs(arenas[2].max_bytes - rec["pool_default_cap"]) <= rec["pool_default_cap"] // 4
     try:
-        assert (pool.segment_size, pool.count) == (rec["segment_size"], rec["count"])
-        writer, reader = pool.open_writer(), pool.open_reader()
-        batch = {"x": torch.ones(batch_bytes // 2 // 4), "y": np.ones(batch_bytes // 2, dtype=np.uint8)}
-        restored = ta.restore(ta.offload(batch, writer), reader)
-        assert torch.equal(restored["x"], batch["x"])
+        for arena in arenas:
+            writer, reader = arena.open_writer(), arena.open_reader()
+            kept = [ta.restore(ta.offload(batch, writer), reader) for _ in range(rec["slots"])]
+            assert all(torch.equal(k["x"], batch["x"]) for k in kept)
+        usage = arenas[2].usage()
+        assert usage["committed_bytes"] <= rec["pool_committed_bound"]
+        assert usage["bytes_high_water"] <= rec["pool_peak_bytes"] + rec["slots"] * PAGE_SIZE
     finally:
-        pool.close()
+        for arena in arenas:
+            arena.close()
 
 
 def test_arena_that_does_not_fit_fails_with_advice():

@@ -6,6 +6,7 @@ fixed segment pool) or cheap private copies (ring buffer) instead of
 unpickling or mapping fresh memory for every batch.
 """
 
+from ._base import ArenaSpaceTimeout
 from ._codec import DEFAULT_THRESHOLD, offload, restore
 from ._dataloader import ArenaDataLoader
 from ._elastic import SharedMemoryElasticPool
@@ -21,6 +22,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ArenaDataLoader",
     "ArenaFallbackWarning",
+    "ArenaSpaceTimeout",
     "ArenaStats",
     "PayloadHandler",
     "arena_reducer",

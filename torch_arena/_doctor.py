@@ -3,8 +3,9 @@
 Prints what decides whether the DataLoader's transport works on this machine
 (memfd support, the size of ``/dev/shm``, the memory available and the memory
 cgroup limit, torch's sharing strategy, the open-file limit, the start method,
-versions) and recommends arena sizes for a batch size, ``num_workers`` and
-``prefetch_factor``. ``--json`` prints the same as one JSON object. The exit
+versions), what the loader's elastic pool will commit for a batch size,
+``num_workers`` and ``prefetch_factor``, and sizes for the fixed pool and the
+ring, which need them. ``--json`` prints the same as one JSON object. The exit
 status is 1 when the recommended arena does not fit in the memory available
 or memfd cannot be used, else 0.
 """
@@ -24,6 +25,7 @@ import torch
 
 from . import __version__
 from ._memory import PAGE_SIZE, available_memory, create_memory_file, format_bytes
+from ._elastic import default_max_bytes
 from ._session import DEFAULT_BATCH_ROOM, HELD_BATCHES, arena_slots
 
 __all__ = ["collect_facts", "main", "recommend"]
@@ -106,16 +108,24 @@ def collect_facts() -> dict[str, Any]:
 def recommend(batch_bytes: int, num_workers: int, prefetch_factor: int, pin_memory: bool = False) -> dict[str, int]:
     """Arena sizes for batches of at most ``batch_bytes``.
 
-    One slot per batch that can be in flight or held (``arena_slots``); a pool
-    segment is the batch plus :data:`ALIGNMENT_ROOM`, rounded up to a page;
-    the ring and ``arena_budget`` are one segment per slot (the loader splits
-    ``arena_budget`` into exactly those segments).
+    One slot per batch that can be in flight or held (``arena_slots``). The
+    loader's default, the elastic pool, needs no size: the figures say what it
+    will commit at peak (``pool_peak_bytes``, at most ``pool_committed_bound``)
+    against its default cap. For a fixed :class:`SharedMemorySegmentPool` a
+    segment is the batch plus :data:`ALIGNMENT_ROOM`, rounded up to a page, one
+    per slot; the ring and ``arena_budget`` for ``arena="ring"`` are one such
+    segment per slot.
     """
     slots = arena_slots(num_workers, prefetch_factor, pin_memory)
     segment = -(-(batch_bytes + ALIGNMENT_ROOM) // PAGE_SIZE) * PAGE_SIZE
     total = segment * slots
+    # The loader's elastic pool commits about what is in flight and held, plus
+    # the warm memory it keeps above that (at most a quarter and 16 MiB).
+    peak = -(-batch_bytes // PAGE_SIZE) * PAGE_SIZE * slots
     return {"slots": slots, "segment_size": segment, "count": slots, "ring_capacity": total,
-            "arena_budget": total, "stock_shm_bytes": batch_bytes * slots}
+            "arena_budget": total, "stock_shm_bytes": batch_bytes * slots,
+            "pool_peak_bytes": peak, "pool_committed_bound": peak * 5 // 4 + (16 << 20),
+            "pool_default_cap": default_max_bytes()}
 
 
 def _bytes(n: int | None) -> str:
@@ -146,10 +156,13 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
         f"prefetch_factor={args.prefetch_factor}" + (", pin_memory=True" if args.pin_memory else ""),
         f"  slots             {rec['slots']} = {args.num_workers} workers x {args.prefetch_factor} prefetched"
         f" + {HELD_BATCHES} held by the loop" + (" + 1 pinning" if args.pin_memory else ""),
-        (f"  pool              SharedMemorySegmentPool(segment_size={rec['segment_size']}, count={rec['count']})"
-         f"  # {format_bytes(rec['segment_size'])} each"),
+        (f"  loader (default)  ArenaDataLoader(..., arena='pool')  # elastic pool, no size to give: "
+         f"about {format_bytes(rec['pool_peak_bytes'])} committed at peak (at most "
+         f"{format_bytes(rec['pool_committed_bound'])}), capped at {format_bytes(rec['pool_default_cap'])}"),
+        (f"  fixed pool        SharedMemorySegmentPool(segment_size={rec['segment_size']}, count={rec['count']})"
+         f"  # {format_bytes(rec['segment_size'])} each, all reserved up front"),
         f"  ring              SharedMemoryRingBuffer(capacity={rec['ring_capacity']})",
-        (f"  loader            ArenaDataLoader(..., arena='pool' or 'ring', arena_budget={budget})"
+        (f"  loader ring       ArenaDataLoader(..., arena='ring', arena_budget={budget})"
          f"  # {format_bytes(budget)}"),
     ]
     warnings = []
@@ -168,9 +181,14 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
     if f["sharing_strategy"] == "file_descriptor" and f["nofile_soft"] < 4096:
         warnings.append(f"open-file limit {f['nofile_soft']} is low for torch's file_descriptor strategy "
                         "(one descriptor per tensor in flight); an arena needs 4 per process")
+    if rec["pool_committed_bound"] > rec["pool_default_cap"]:
+        warnings.append(f"the batches in flight need up to {format_bytes(rec['pool_committed_bound'])}, more "
+                        f"than the elastic pool's default cap of {format_bytes(rec['pool_default_cap'])}: "
+                        f"pass arena_budget={rec['pool_committed_bound']} (workers wait for space at the cap)")
     if args.batch_bytes > DEFAULT_BATCH_ROOM:
-        warnings.append(f"without arena_budget a loader gives each slot {format_bytes(DEFAULT_BATCH_ROOM)}: "
-                        "pass the arena_budget above, or larger batches fall back to torch's transport")
+        warnings.append(f"without arena_budget a loader's ring gives each slot {format_bytes(DEFAULT_BATCH_ROOM)}: "
+                        "with arena='ring' pass the arena_budget above, or larger batches fall back to "
+                        "torch's transport (arena='pool' sizes itself)")
     lines += (["warnings"] + [f"  - {w}" for w in warnings]) if warnings else ["no warnings"]
     return lines
 

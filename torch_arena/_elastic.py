@@ -130,11 +130,11 @@ class SharedMemoryElasticPool(ArenaBase):
 
     def __init__(self, max_bytes: "int | float | str | None" = None, *, acquire_timeout: float = 60.0) -> None:
         cap = default_max_bytes() if max_bytes is None else parse_bytes(max_bytes, "max_bytes")
-        self.max_bytes = align_up(cap, PAGE_SIZE)
+        self.max_bytes = cap
         self.acquire_timeout = _check_timeout(acquire_timeout)
         # Virtual room beyond the cap so that fragmentation never blocks a unit
         # that fits the cap; it costs address space only.
-        vsize = align_up(4 * self.max_bytes + (64 << 20), 2 << 20)
+        vsize = align_up(4 * cap + (64 << 20), 2 << 20)
         self._state: ArenaState | None = ArenaState.create(
             _KIND_ELASTIC,
             vsize,
@@ -143,7 +143,7 @@ class SharedMemoryElasticPool(ArenaBase):
             reserve_data=False,
         )
         header = self._state.header
-        header[_CAP], header[_VSIZE] = self.max_bytes, vsize
+        header[_CAP], header[_VSIZE] = max(PAGE_SIZE, cap // PAGE_SIZE * PAGE_SIZE), vsize
         _Tables(header).extents.initialise(vsize)
 
     def __repr__(self) -> str:

@@ -168,12 +168,25 @@ def create_memory_file(nbytes: int, what: str, *, reserve: int | None = None) ->
         fd = _posixshmem.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
         _posixshmem.shm_unlink(name)
     try:
-        os.ftruncate(fd, nbytes)
+        try:
+            os.ftruncate(fd, nbytes)
+        except OSError as exc:
+            raise _reserve_error(nbytes, what, exc) from exc
         commit_range(fd, 0, reserve, what)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _reserve_error(nbytes: int, what: str, exc: OSError) -> MemoryError:
+    available, source = available_memory()
+    have = "unknown" if available is None else format_bytes(available)
+    return MemoryError(
+        f"torch_arena: could not reserve {format_bytes(nbytes)} of shared memory for "
+        f"{what} ({exc.strerror}); {have} available ({source}). "
+        "Make the arena smaller (segment_size × count, capacity, or arena_budget)."
+    )
 
 
 def commit_range(fd: int, offset: int, nbytes: int, what: str) -> None:
@@ -187,13 +200,7 @@ def commit_range(fd: int, offset: int, nbytes: int, what: str) -> None:
     try:
         os.posix_fallocate(fd, offset, nbytes)
     except OSError as exc:
-        available, source = available_memory()
-        have = "unknown" if available is None else format_bytes(available)
-        raise MemoryError(
-            f"torch_arena: could not reserve {format_bytes(nbytes)} of shared memory for "
-            f"{what} ({exc.strerror}); {have} available ({source}). "
-            "Make the arena smaller (segment_size × count, capacity, or arena_budget)."
-        ) from exc
+        raise _reserve_error(nbytes, what, exc) from exc
 
 
 def committed_bytes(fd: int) -> int:

@@ -107,8 +107,12 @@ def verified_epoch(loader) -> list[int]:
 
 
 def make_arena(kind: str, slots: int, unit_bytes: int, timeout: float = 1.0):
+    """``pool``: a fixed pool of ``slots`` segments; ``elastic``: an elastic pool
+    capped at ``slots`` units; ``ring``: a ring of as much."""
     if kind == "pool":
         return ta.SharedMemorySegmentPool(unit_bytes, slots, acquire_timeout=timeout)
+    if kind == "elastic":
+        return ta.SharedMemoryElasticPool(slots * (unit_bytes + 4096), acquire_timeout=timeout)
     return ta.SharedMemoryRingBuffer(unit_bytes * slots, acquire_timeout=timeout)
 
 
@@ -332,12 +336,16 @@ def gc_reentry(kind: str) -> None:
 def hold_all(kind: str, overflow: str) -> None:
     """The training loop keeps every batch: the arena fills up."""
     n_batches = 24
+    unit = 4 * ITEM_BYTES + 8192
+    # "fixed": the user's own pool of 6 segments; "pool": the loader's elastic
+    # pool, capped at 6 batches; "ring": a ring of 6 batches.
+    arena = ta.SharedMemorySegmentPool(unit, 6, acquire_timeout=0.5) if kind == "fixed" else kind
     loader = ta.ArenaDataLoader(
         Items(4 * n_batches),
         batch_size=4,
         num_workers=2,
-        arena=kind,
-        arena_budget=6 * (4 * ITEM_BYTES + 8192),
+        arena=arena,
+        arena_budget=None if kind == "fixed" else 6 * unit,
         arena_overflow=overflow,
         arena_timeout=0.5,
     )
@@ -370,8 +378,8 @@ def hold_all(kind: str, overflow: str) -> None:
 
 def oversize(kind: str, overflow: str, shape: str) -> None:
     """A batch larger than a pool segment / the whole ring."""
-    # arena_budget gives a pool of 6 segments of 1 MiB, or a ring of 1 MiB.
-    budget = 6 << 20 if kind == "pool" else 1 << 20
+    # arena_budget caps the elastic pool at 1 MiB, or makes a ring of 1 MiB.
+    budget = 1 << 20
     if shape == "one":  # one 2 MiB tensor per batch
         ds, batch_size = Items(16, shape=(512, 256)), 4
     else:  # two tensors of 768 KiB each: each fits, together they do not
@@ -463,21 +471,31 @@ def memory_error() -> None:
             out[name] = None
         except MemoryError as exc:
             out[name] = describe(exc)
-    loader = ta.ArenaDataLoader(Items(8), batch_size=4, num_workers=2, arena_budget=too_much)
+    loader = ta.ArenaDataLoader(Items(8), batch_size=4, num_workers=2, arena="ring", arena_budget=too_much)
     try:
         next(iter(loader))
         out["loader"] = None
     except MemoryError as exc:
         out["loader"] = describe(exc)
+    # The elastic pool reserves nothing up front: a cap above the memory there
+    # is only a limit, and the loader works, committing what its batches need.
+    loader = ta.ArenaDataLoader(Items(8), batch_size=4, num_workers=2, arena="pool", arena_budget=too_much)
+    out["elastic_batches"] = len(verified_epoch(loader)) // 4
+    out["elastic_committed"] = loader.arena_stats.committed_high_water
+    loader.release_arena()
     # Past the pre-flight check: the kernel refuses the reservation itself
     # (here a file-size limit makes ftruncate fail with EFBIG).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
-    try:
-        ta.SharedMemoryRingBuffer(8 << 20)
-        out["kernel"] = None
-    except MemoryError as exc:
-        out["kernel"] = describe(exc)
+    for name, make in (
+        ("kernel", lambda: ta.SharedMemoryRingBuffer(8 << 20)),
+        ("kernel_elastic", lambda: ta.SharedMemoryElasticPool("1GiB")),
+    ):
+        try:
+            make()
+            out[name] = None
+        except MemoryError as exc:
+            out[name] = describe(exc)
     result(**out)
 
 

@@ -13,10 +13,28 @@ def _fallback_warnings(result):
     return [w for w in result["warnings"] if w["category"] == "ArenaFallbackWarning"]
 
 
-def test_held_batches_fill_pool_then_fall_back(scenario):
-    """The loop keeps every batch: producers wait arena_timeout once, then
-    send through torch's path, with one warning and a count; all data correct."""
+def test_held_batches_reach_the_elastic_cap_then_fall_back(scenario):
+    """The loop keeps every batch and the loader's pool is capped at 6 of them:
+    producers wait arena_timeout once, then send through torch's path, with
+    one warning in the loader's terms and a count; all data correct."""
     report = scenario("hold_all", "pool", "fallback", timeout=60)
+    report.assert_ok()
+    report.assert_clean()
+    res = report.result
+    assert res["complete"] and res["held"] == 24
+    assert res["batches"] + res["fallbacks"] == 24
+    assert 5 <= res["batches"] <= 6 and res["fallbacks"] >= 18  # the cap holds ~6 batches
+    warnings = _fallback_warnings(res)
+    assert len(warnings) == 1, "warned once, counted after"
+    message = warnings[0]["message"]
+    for needle in ("at its budget (arena_budget=", "keep fewer batches alive", "raise arena_budget", "arena_timeout"):
+        assert needle in message, (needle, message)
+    assert res["seconds"] < 10, "one timeout, not one per batch"
+
+
+def test_held_batches_fill_fixed_pool_then_fall_back(scenario):
+    """The same with the user's own fixed pool of 6 segments."""
+    report = scenario("hold_all", "fixed", "fallback", timeout=60)
     report.assert_ok()
     report.assert_clean()
     res = report.result
@@ -34,7 +52,7 @@ def test_held_batches_fill_pool_then_fall_back(scenario):
 
 def test_held_batches_fill_pool_then_raise(scenario):
     """arena_overflow='raise': a BufferError naming the pool and what to change."""
-    report = scenario("hold_all", "pool", "raise", timeout=60)
+    report = scenario("hold_all", "fixed", "raise", timeout=60)
     report.assert_ok()
     report.assert_clean()
     error = report.result["error"]
@@ -57,7 +75,7 @@ def test_held_batches_never_stall_the_ring(scenario):
 @pytest.mark.parametrize(
     ("kind", "shape", "batch_size", "arena_size"),
     [
-        ("pool", "one", "2.0 MiB", "segment of 1.0 MiB"),
+        ("pool", "one", "2.0 MiB", "pool capped at 1.0 MiB"),
         ("ring", "one", "2.0 MiB", "ring of 1.0 MiB"),
         ("ring", "two", "1.5 MiB", "ring of 1.0 MiB"),  # two tensors that each fit
     ],
@@ -112,6 +130,7 @@ def test_memory_exhaustion_at_creation(scenario):
     report.assert_ok()
     report.assert_clean()
     res = report.result
+    assert res["elastic_batches"] == 2 and 0 < res["elastic_committed"] < 64 << 20
     for name in ("pool", "ring", "loader"):
         error = res[name]
         assert error is not None and error["type"] == "MemoryError", (name, error)
@@ -120,3 +139,6 @@ def test_memory_exhaustion_at_creation(scenario):
     kernel = res["kernel"]
     assert kernel is not None and kernel["type"] == "MemoryError", kernel
     assert re.search(r"could not reserve 8\.\d MiB .*\(File too large\)", kernel["message"]), kernel
+    kernel = res["kernel_elastic"]
+    assert kernel is not None and kernel["type"] == "MemoryError", kernel
+    assert re.search(r"could not reserve 4\.\d GiB .*\(File too large\)", kernel["message"]), kernel
