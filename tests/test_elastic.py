@@ -251,3 +251,142 @@ def test_an_envelope_restores_once():
     with pytest.raises(ValueError, match="can be restored once"):
         ta.restore(env, r)
     del out
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def _grow(pool, producer: int, out_q) -> None:
+    """Write units that grow from 64 KiB to 24 MiB, each filled with its number."""
+    writer = pool.open_writer()
+    for i in range(12):
+        n = (64 << 10) << (i % 10)
+        out_q.put((producer, i, n, ta.offload(np.full(n, (producer * 16 + i) % 251, np.uint8), writer)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_several_producers_grow_it_at_once(method):
+    import multiprocessing as mp
+
+    ctx = mp.get_context(method)
+    pool = ta.SharedMemoryElasticPool("512MiB", acquire_timeout=30)
+    reader = pool.open_reader()
+    out_q = ctx.Queue()
+    procs = [ctx.Process(target=_grow, args=(pool, p, out_q)) for p in range(3)]
+    for proc in procs:
+        proc.start()
+    seen, kept = set(), []
+    for _ in range(36):
+        producer, i, n, env = out_q.get(timeout=120)
+        out = ta.restore(env, reader)
+        assert out.nbytes == n and int(out[0]) == int(out[-1]) == (producer * 16 + i) % 251
+        seen.add((producer, i))
+        kept.append(out)
+        del kept[:-5]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert len(seen) == 36
+    usage = pool.usage()
+    assert usage["committed_high_water"] <= usage["bytes_high_water"] * 5 // 4 + 16 * MiB + 3 * (24 * MiB)
+    del out
+    kept.clear()
+    assert pool.usage()["units_in_use"] == 0
+
+
+def _die_mid_unit(pool) -> None:
+    writer = pool.open_writer()
+    writer.begin_unit()
+    _, view = writer.allocate(10 * MiB)
+    view[:] = 1
+    os.kill(os.getpid(), 9)
+
+
+@pytest.mark.slow
+def test_writer_killed_mid_extent_is_reclaimed():
+    import multiprocessing as mp
+
+    pool = ta.SharedMemoryElasticPool("16MiB", acquire_timeout=10)
+    proc = mp.get_context("fork").Process(target=_die_mid_unit, args=(pool,))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -9
+    assert pool.usage()["units_in_use"] == 1  # the dead writer's unit
+    w, r = pool.open_writer(), pool.open_reader()
+    out = ta.restore(offload_array(pool, w, 12 * MiB), r)  # needs the dead unit's room
+    assert int(out[0]) == 7 and pool.usage()["units_in_use"] == 1
+    del out
+    assert committed(pool) <= 16 * MiB
+
+
+def test_pickled_pool_is_the_same_arena():
+    import pickle
+
+    from multiprocessing.reduction import ForkingPickler
+
+    pool = ta.SharedMemoryElasticPool("64MiB")
+    clone = pickle.loads(ForkingPickler.dumps(pool))
+    assert clone.token == pool.token and clone.max_bytes == pool.max_bytes
+    out = ta.restore(offload_array(clone, clone.open_writer(), MiB), pool.open_reader())
+    assert pool.usage()["units_in_use"] == 1 and int(out[0]) == 7
+
+
+# -- the loader ---------------------------------------------------------------------------------
+
+
+class Big(torch.utils.data.Dataset):
+    def __init__(self, n: int, shape: tuple[int, ...]) -> None:
+        self.n, self.shape = n, shape
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full(self.shape, float(i))
+
+
+@pytest.mark.slow
+def test_loader_default_moves_big_batches_without_fallback():
+    # 16 x 3 x 224 x 224 float32 = 9.2 MiB... and ImageNet-sized 73.5 MiB batches
+    for batch_size, n in ((16, 64), (128, 384)):
+        loader = ta.ArenaDataLoader(Big(n, (3, 224, 224)), batch_size=batch_size, num_workers=2)
+        assert isinstance(loader, torch.utils.data.DataLoader)
+        got = [int(b[:, 0, 0, 0].sum()) for b in loader]
+        assert got == [sum(range(i, i + batch_size)) for i in range(0, n, batch_size)]
+        stats = loader.arena_stats
+        assert stats.fallbacks == 0 and stats.batches == n // batch_size
+        assert stats.committed_high_water <= stats.high_water_bytes * 5 // 4 + 16 * MiB
+        loader.release_arena()
+
+
+@pytest.mark.slow
+def test_loader_that_keeps_every_batch_never_falls_back_or_stalls():
+    loader = ta.ArenaDataLoader(Big(96, (256, 1024)), batch_size=4, num_workers=2)  # 4 MiB batches
+    kept = list(loader)
+    assert [int(b[0, 0, 0]) for b in kept] == list(range(0, 96, 4))
+    stats = loader.arena_stats
+    assert stats.fallbacks == 0 and stats.batches == 24
+    assert stats.wait_seconds < 0.5
+    assert stats.bytes_in_flight >= 24 * 4 * MiB  # all held, none reused under them
+    del kept
+    assert loader.arena_stats.bytes_in_flight == 0
+
+
+def test_loader_budget_strings_and_errors():
+    loader = ta.ArenaDataLoader(Big(8, (4,)), batch_size=2, num_workers=2, arena_budget="32MiB")
+    assert loader.arena_budget == 32 << 20
+    assert ta.ArenaDataLoader(Big(8, (4,)), arena_budget=1.5e9).arena_budget == 1_500_000_000
+    with pytest.raises(ValueError, match=r"arena_budget must be a positive number of bytes.*'4GiB'"):
+        ta.ArenaDataLoader(Big(8, (4,)), arena_budget="a lot")
+
+
+@pytest.mark.slow
+def test_user_pool_with_too_few_segments_warns_at_iter():
+    pool = ta.SharedMemorySegmentPool(1 << 20, 2, acquire_timeout=1.0)
+    loader = ta.ArenaDataLoader(Big(8, (16,)), batch_size=2, num_workers=2, arena=pool)
+    with pytest.warns(ta.ArenaFallbackWarning, match=r"has 2 segments, but the loader keeps up to 6 batches"):
+        it = iter(loader)
+    assert len(list(it)) == 4
+    del it
+    loader.release_arena()

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader
 
 from ._codec import DEFAULT_THRESHOLD
 from ._dataloader import ArenaDataLoader
+from ._memory import parse_bytes
 
 __all__ = ["ArenaDataModuleMixin", "ArenaName", "release_trainer_arenas"]
 
@@ -78,8 +79,11 @@ def _resolve_arena(value: Any, *, where: str, allow_instance: bool = False) -> O
 
 
 def _check_settings(where: str, budget: Any, overflow: Any, timeout: Any, threshold: Any) -> None:
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
-        raise ValueError(f"{where}: arena_budget must be a positive number of bytes or None, got {budget!r}")
+    if budget is not None:
+        try:
+            parse_bytes(budget, "arena_budget")
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     if overflow not in ("fallback", "raise"):
         raise ValueError(f"{where}: arena_overflow must be 'fallback' or 'raise', got {overflow!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
@@ -112,7 +116,7 @@ class ArenaDataModuleMixin:
         self,
         *args: Any,
         arena: Optional[ArenaName] = None,
-        arena_budget: Optional[int] = None,
+        arena_budget: Optional[Union[int, str]] = None,
         arena_overflow: Literal["fallback", "raise"] = "fallback",
         arena_timeout: float = 2.0,
         arena_threshold: int = DEFAULT_THRESHOLD,
@@ -121,11 +125,13 @@ class ArenaDataModuleMixin:
         """
         Args:
             arena: How batches travel from the loaders' workers: ``pool``
-                (shared-memory segments, zero-copy views), ``ring`` (a ring
+                (an elastic shared-memory pool, zero-copy views), ``ring`` (a ring
                 buffer, private copies) or ``none`` (torch's stock transport).
                 Not given (``null``): the class attribute ``default_arena``.
-            arena_budget: Bytes for each loader's arena (default: room for a
-                64 MiB batch per slot, within an eighth of available memory).
+            arena_budget: For ``pool``, the most memory each loader's arena may
+                commit (default half of the memory available; nothing is
+                committed until batches need it); for ``ring``, its size. An
+                int or a string such as ``4GiB``.
             arena_overflow: A batch that does not fit: ``fallback`` sends it
                 the stock way (with one warning), ``raise`` fails.
             arena_timeout: Seconds a worker waits for arena space.

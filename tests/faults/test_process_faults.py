@@ -46,21 +46,17 @@ def test_gc_reentry_does_not_deadlock(scenario, kind):
     assert report.result["later"] == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known: (1) a KeyboardInterrupt inside multiprocessing.Queue.put (torch's index "
-        "queue, _try_put_index) can leave the queue's internal lock held, and the next "
-        "put hangs: stock torch does the same; (2) a release swallowed by Python in a "
-        "view's weakref finalizer is recovered at the next restore, not at once, so a "
-        "round can still show one segment 'restored' at the instant it is checked"
-    ),
-)
-@pytest.mark.parametrize("kind", ["pool", "ring"])
+@pytest.mark.parametrize("kind", ["pool", "elastic", "ring"])
 def test_interrupt_storm(scenario, kind):
     """KeyboardInterrupt at random moments, caught each time (a notebook cell
     interrupted and run again): no hang, no unit leaked, a clean epoch after."""
     report = scenario("interrupt_storm", kind, "6", timeout=30)
+    if report.timed_out:
+        # Known, torch's and not the arena's: a KeyboardInterrupt inside
+        # multiprocessing.Queue.put (torch's index queue, _try_put_index) can
+        # leave the queue's internal lock held, and the next put hangs; stock
+        # torch does the same. Anything else (a leaked unit) fails below.
+        pytest.xfail("interrupt inside torch's index-queue put left its lock held")
     report.assert_ok()
     report.assert_clean()
     res = report.result
