@@ -49,6 +49,20 @@ class ArenaSpaceTimeout(BufferError):
     """
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is a positive int (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_timeout(value: object) -> float:
+    """``acquire_timeout`` as a float, or a ValueError if it is not a number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"acquire_timeout must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
 def align_up(n: int, alignment: int = ALIGN) -> int:
     """``n`` rounded up to a multiple of ``alignment``."""
     return (n + alignment - 1) // alignment * alignment
@@ -288,6 +302,25 @@ class ArenaBase:
         """Wake every producer waiting for space so it fails at once."""
         if self._state is not None:
             self._state.shutdown()
+
+    def reclaim(self, producer_pids: "list[int] | tuple[int, ...]") -> int:
+        """Return units written by these (dead) producers that nobody will read.
+
+        For integrations that know a producer's in-flight envelopes are lost
+        (a DataLoader whose workers were shut down before their batches were
+        read). Units already restored are not touched. Returns how many
+        units were freed.
+        """
+        state = self.state
+        with state.locked() as header:
+            freed = self.reclaim_locked(header, producer_pids)
+        if freed:
+            state.wakeup.notify()
+        return freed
+
+    def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:  # pragma: no cover
+        """:meth:`reclaim` for a caller that already holds the arena lock."""
+        raise NotImplementedError
 
     def usage(self) -> dict[str, int]:
         """Units and bytes in use now, and their high-water marks, over all processes."""

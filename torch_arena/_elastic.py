@@ -34,13 +34,11 @@ writer that runs out of room.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import numpy as np
 
 from ._base import (
-    ALIGN,
     BACKEND_SLOT,
     FILLED,
     FREE,
@@ -49,15 +47,15 @@ from ._base import (
     HELD,
     WRITING,
     ArenaBase,
-    ArenaSpaceTimeout,
     ArenaState,
-    CopyingWriter,
     align_up,
+    check_timeout,
 )
 from ._elastic_unit import ElasticReader
+from ._elastic_writer import ElasticWriter
 from ._extents import STATE_NAMES, TRIM, WARM, ExtentTable
 from ._lease import flush as flush_leases
-from ._memory import PAGE_SIZE, available_memory, commit_range, committed_bytes, format_bytes, parse_bytes
+from ._memory import PAGE_SIZE, available_memory, committed_bytes, parse_bytes
 from ._sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryElasticPool", "default_max_bytes"]
@@ -65,10 +63,6 @@ __all__ = ["SharedMemoryElasticPool", "default_max_bytes"]
 _KIND_ELASTIC = 3
 MAX_UNITS = 4096
 MAX_EXTENTS = 8192
-#: Smallest extent a writer takes: small binaries share one.
-MIN_CHUNK = 64 << 10
-#: Largest step by which a unit's chunks grow ahead of its binaries.
-MAX_GROWTH = 4 << 20
 #: Units per working-set window (the working set spans the last one or two).
 WINDOW_UNITS = 16
 #: Warm memory kept above the working set: ``ws × KEEP_NUM / KEEP_DEN + KEEP_SLACK``.
@@ -89,12 +83,6 @@ def default_max_bytes() -> int:
     if available is None:
         return 4 << 30
     return max(64 << 20, available // DEFAULT_SHARE // PAGE_SIZE * PAGE_SIZE)
-
-
-def _check_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"acquire_timeout must be a number of seconds >= 0, got {value!r}")
-    return float(value)
 
 
 class _Tables:
@@ -131,7 +119,7 @@ class SharedMemoryElasticPool(ArenaBase):
     def __init__(self, max_bytes: "int | float | str | None" = None, *, acquire_timeout: float = 60.0) -> None:
         cap = default_max_bytes() if max_bytes is None else parse_bytes(max_bytes, "max_bytes")
         self.max_bytes = cap
-        self.acquire_timeout = _check_timeout(acquire_timeout)
+        self.acquire_timeout = check_timeout(acquire_timeout)
         # Virtual room beyond the cap so that fragmentation never blocks a unit
         # that fits the cap; it costs address space only.
         vsize = align_up(4 * cap + (64 << 20), 2 << 20)
@@ -157,7 +145,7 @@ class SharedMemoryElasticPool(ArenaBase):
         """The cap on committed bytes (``max_bytes``)."""
         return self.max_bytes
 
-    def open_writer(self) -> "ElasticWriter":
+    def open_writer(self) -> ElasticWriter:
         """A producer endpoint for this process (one per producing thread)."""
         return ElasticWriter(self)
 
@@ -249,6 +237,33 @@ class SharedMemoryElasticPool(ArenaBase):
         keep = working_set * KEEP_NUM // KEEP_DEN + KEEP_SLACK
         return int(header[_COMMITTED]) - keep
 
+    def _fullness(self, header: np.ndarray) -> tuple[int, int, int]:
+        """``(committed bytes, cap, units in use)``, for messages."""
+        return int(header[_COMMITTED]), int(header[_CAP]), int(header[H_UNITS])
+
+    def _close_unit(self, header: np.ndarray, slot: int, last: tuple[int, int] | None, used: int) -> list[tuple[int, int]]:
+        """Commit unit ``slot`` (lock held): give the unused tail of its ``last``
+        extent back, mark it filled, and mark warm memory above the working set
+        for trimming; returns the marked ranges (to punch without the lock)."""
+        tables = _Tables(header)
+        if last is not None:
+            start, length = last
+            keep = align_up(used, PAGE_SIZE)
+            row = tables.extents.row_containing(start, length)
+            if row >= 0 and keep < length:
+                tail = tables.extents.shrink(row, keep)
+                tables.ubytes[slot] -= tail
+                self.state.count_usage(header, 0, -tail)
+        tables.ustate[slot] = FILLED
+        excess = self._excess(header)
+        return self._mark_trim(header, excess, current_pid()) if excess > 0 else []
+
+    def _abort_unit(self, header: np.ndarray, slot: int, gen: int, *, punch: bool) -> None:
+        """Drop unit ``slot`` of generation ``gen`` if it is still being written."""
+        tables = _Tables(header)
+        if tables.ugen[slot] == gen and tables.ustate[slot] == WRITING:
+            self._drop_unit(header, slot, punch=punch)
+
     def trim(self, keep_bytes: int = 0) -> int:
         """Give warm (free, committed) memory above ``keep_bytes`` back to the
         kernel now; returns the bytes given back. Units in use are untouched."""
@@ -282,15 +297,6 @@ class SharedMemoryElasticPool(ArenaBase):
     def release_function(self) -> Any:
         """What a reader's lease tracker calls to free a unit (needs no open pool)."""
         return functools.partial(release_unit, self.state)
-
-    def reclaim(self, producer_pids: "list[int] | tuple[int, ...]") -> int:
-        """Return units written by these (dead) producers that nobody will read."""
-        state = self.state
-        with state.locked() as header:
-            freed = self.reclaim_locked(header, producer_pids)
-        if freed:
-            state.wakeup.notify()
-        return freed
 
     def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
         """:meth:`reclaim` for a caller that already holds the arena lock."""
@@ -346,157 +352,3 @@ def _rebuild_elastic(state: ArenaState, max_bytes: int, timeout: float) -> Share
     pool.max_bytes, pool.acquire_timeout = max_bytes, timeout
     pool._state = state
     return pool
-
-
-class ElasticWriter(CopyingWriter):
-    """Producer endpoint of a :class:`SharedMemoryElasticPool`."""
-
-    def __init__(self, pool: SharedMemoryElasticPool) -> None:
-        self._pool = pool
-        self._state = pool.state
-        self.token = self._state.token
-        self._slot: int | None = None
-        self._gen = 0
-        self._extents: list[tuple[int, int]] = []  # (start, length) of the open unit
-        self._used = 0  # bytes used in the last extent
-        self._unit_bytes = 0
-        self._timeout = pool.acquire_timeout
-        self.last_wait_seconds = 0.0
-
-    def reset(self) -> None:
-        """Abandon a unit left open (its space goes back to the pool)."""
-        if self._slot is not None:
-            self.abort_unit()
-
-    def begin_unit(self, timeout: float | None = None) -> None:
-        """Open a new unit; space is taken as its binaries are written."""
-        if self._slot is not None:
-            raise RuntimeError("begin_unit: a unit is already open; commit_unit() or abort_unit() it first")
-        self._timeout = self._pool.acquire_timeout if timeout is None else timeout
-        self.last_wait_seconds = 0.0
-        self._slot, self._gen = self._wait_for(self._new_unit_or_none, "a unit slot")
-        self._extents, self._used, self._unit_bytes = [], 0, 0
-
-    def _new_unit_or_none(self, header: np.ndarray, pid: int) -> Any:
-        return self._pool._new_unit(header, pid)
-
-    def _wait_for(self, attempt: Any, what: str, nbytes: int = 0) -> Any:
-        """Run ``attempt(header, pid)`` under the lock until it returns a value,
-        making room and reclaiming dead writers, waiting up to the timeout."""
-        pool, state = self._pool, self._state
-        pid = current_pid()
-        started = time.monotonic()
-        flush_leases()
-        while True:
-            marked: list[tuple[int, int]] = []
-            with state.locked() as header:
-                if state.shut_down:
-                    raise BufferError("SharedMemoryElasticPool was shut down while waiting for space")
-                result = attempt(header, pid)
-                if result is None and pool._reclaim_dead(header):
-                    result = attempt(header, pid)
-                if result is None and nbytes:
-                    room = pool._room_to_make(header, nbytes)
-                    if room:
-                        marked = pool._mark_trim(header, room, pid)
-                committed, cap, units = int(header[_COMMITTED]), int(header[_CAP]), int(header[H_UNITS])
-            if result is not None:
-                self.last_wait_seconds += time.monotonic() - started
-                return result
-            if marked:
-                pool._give_back(marked)
-                continue
-            waited = time.monotonic() - started
-            if waited >= self._timeout:
-                self.last_wait_seconds += waited
-                raise ArenaSpaceTimeout(
-                    f"SharedMemoryElasticPool: no room for {what} after {waited:.1f} s: "
-                    f"{format_bytes(committed)} of its {format_bytes(cap)} cap (max_bytes) is "
-                    f"committed to units in flight or held by restored views ({units} units). "
-                    "Drop restored batches sooner, raise max_bytes, or raise acquire_timeout."
-                )
-            state.wakeup.wait(self._timeout - waited)
-
-    def allocate(self, nbytes: int) -> tuple[int, np.ndarray]:
-        """Reserve ``nbytes`` in the open unit; returns ``(offset, writable uint8 view)``."""
-        if self._slot is None:
-            raise RuntimeError("no open unit: call begin_unit() first")
-        start = align_up(self._used, ALIGN)
-        if not self._extents or start + nbytes > self._extents[-1][1]:
-            self._grow(nbytes)
-            start = 0
-        base = self._extents[-1][0]
-        self._used = start + nbytes
-        return base + start, self._state.data_view(base + start, nbytes)
-
-    def _grow(self, nbytes: int) -> None:
-        pool = self._pool
-        need = align_up(max(nbytes, MIN_CHUNK, min(self._unit_bytes, MAX_GROWTH)), PAGE_SIZE)
-        if self._unit_bytes + align_up(nbytes, PAGE_SIZE) > pool.max_bytes:
-            raise BufferError(
-                f"a unit of at least {format_bytes(self._unit_bytes + nbytes)} "
-                f"({self._unit_bytes + nbytes} bytes) does not fit a pool capped at "
-                f"{format_bytes(pool.max_bytes)} ({pool.max_bytes} bytes); raise max_bytes"
-            )
-        if self._unit_bytes + need > pool.max_bytes:
-            need = align_up(nbytes, PAGE_SIZE)
-        slot = self._slot
-        start, length, fresh = self._wait_for(
-            lambda header, pid: pool._take(header, need, pid, slot), format_bytes(need), need
-        )
-        self._extents.append((start, length))
-        self._used = 0
-        self._unit_bytes += length
-        if fresh:
-            try:
-                commit_range(self._state.files.memory_fd, self._state.header_bytes + start, length,
-                             f"a unit of {pool!r}")
-            except MemoryError:
-                self.abort_unit(punch=True)
-                raise
-
-    def locate(self, address: int, nbytes: int) -> int | None:
-        """Offset of memory already inside the open unit, else ``None`` (no copy needed)."""
-        rel = address - self._state.data_address
-        for start, length in self._extents:
-            if start <= rel and rel + nbytes <= start + length:
-                return rel
-        return None
-
-    def commit_unit(self) -> int:
-        """Close the unit (its unused tail goes back); returns its span."""
-        slot = self._slot
-        if slot is None:
-            raise RuntimeError("no open unit: call begin_unit() first")
-        pool, state = self._pool, self._state
-        with state.locked() as header:
-            tables = _Tables(header)
-            if self._extents:
-                start, length = self._extents[-1]
-                keep = align_up(self._used, PAGE_SIZE)
-                row = tables.extents.row_containing(start, length)
-                if row >= 0 and keep < length:
-                    tail = tables.extents.shrink(row, keep)
-                    tables.ubytes[slot] -= tail
-                    state.count_usage(header, 0, -tail)
-            tables.ustate[slot] = FILLED
-            excess = pool._excess(header)
-            marked = pool._mark_trim(header, excess, current_pid()) if excess > 0 else []
-        self._slot = None
-        pool._give_back(marked)
-        return (self._gen << 32) | slot
-
-    def abort_unit(self, *, punch: bool = False) -> None:
-        """Discard the open unit; its space is free again (given back to the
-        kernel with ``punch``, for memory that may be half committed)."""
-        slot = self._slot
-        if slot is None:
-            raise RuntimeError("no open unit: call begin_unit() first")
-        self._slot = None
-        state = self._state
-        with state.locked() as header:
-            tables = _Tables(header)
-            if tables.ugen[slot] == self._gen and tables.ustate[slot] == WRITING:
-                self._pool._drop_unit(header, slot, punch=punch)
-        state.wakeup.notify()
-

@@ -34,6 +34,8 @@ from ._base import (
     ArenaState,
     CopyingWriter,
     align_up,
+    check_positive_int,
+    check_timeout,
 )
 from ._lease import LeaseTracker
 from ._lease import flush as flush_leases
@@ -46,18 +48,6 @@ _KIND_POOL = 1
 _FIELDS = 4  # per segment: state, generation, owner pid, used bytes
 _STATE, _GEN, _OWNER, _USED = range(_FIELDS)
 _STATE_NAMES = {FREE: "free", WRITING: "being written", FILLED: "committed", HELD: "restored"}
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"acquire_timeout must be a number of seconds >= 0, got {value!r}")
-    return float(value)
 
 
 class SharedMemorySegmentPool(ArenaBase):
@@ -78,9 +68,9 @@ class SharedMemorySegmentPool(ArenaBase):
     """
 
     def __init__(self, segment_size: int, count: int, *, acquire_timeout: float = 60.0) -> None:
-        self.segment_size = _check_positive_int("segment_size", segment_size)
-        self.count = _check_positive_int("count", count)
-        self.acquire_timeout = _check_timeout(acquire_timeout)
+        self.segment_size = check_positive_int("segment_size", segment_size)
+        self.count = check_positive_int("count", count)
+        self.acquire_timeout = check_timeout(acquire_timeout)
         self._stride = align_up(segment_size, PAGE_SIZE)
         self._state: ArenaState | None = ArenaState.create(
             _KIND_POOL,
@@ -157,21 +147,6 @@ class SharedMemorySegmentPool(ArenaBase):
                 state.count_usage(header, -1, 0)
                 reclaimed += 1
         return reclaimed
-
-    def reclaim(self, producer_pids: "list[int] | tuple[int, ...]") -> int:
-        """Return units written by these (dead) producers that nobody will read.
-
-        For integrations that know a producer's in-flight envelopes are lost
-        (a DataLoader whose workers were shut down before their batches were
-        read). Units already restored are not touched. Returns how many
-        segments were freed.
-        """
-        state = self.state
-        with state.locked() as header:
-            freed = self.reclaim_locked(header, producer_pids)
-        if freed:
-            state.wakeup.notify()
-        return freed
 
     def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
         """:meth:`reclaim` for a caller that already holds the arena lock."""

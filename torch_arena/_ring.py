@@ -24,9 +24,22 @@ from typing import Any
 
 import numpy as np
 
-from ._base import BACKEND_SLOT, FILLED, FREE, H_BYTES, H_UNITS, HELD, WRITING, ArenaBase, ArenaState, CopyingWriter, align_up
+from ._base import (
+    BACKEND_SLOT,
+    FILLED,
+    FREE,
+    H_BYTES,
+    H_UNITS,
+    HELD,
+    WRITING,
+    ArenaBase,
+    ArenaState,
+    CopyingWriter,
+    align_up,
+    check_positive_int,
+    check_timeout,
+)
 from ._memory import format_bytes
-from ._pool import _check_positive_int, _check_timeout
 from ._sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryRingBuffer"]
@@ -54,8 +67,8 @@ class SharedMemoryRingBuffer(ArenaBase):
     """
 
     def __init__(self, capacity: int, *, acquire_timeout: float = 0.0) -> None:
-        self.capacity = _check_positive_int("capacity", capacity)
-        self.acquire_timeout = _check_timeout(acquire_timeout)
+        self.capacity = check_positive_int("capacity", capacity)
+        self.acquire_timeout = check_timeout(acquire_timeout)
         self._size = align_up(capacity)
         self._state: ArenaState | None = ArenaState.create(
             _KIND_RING,
@@ -139,15 +152,6 @@ class SharedMemoryRingBuffer(ArenaBase):
             self._advance_tail(header)
             self._note_usage(header, -len(units))
         return len(units)
-
-    def reclaim(self, producer_pids: "list[int] | tuple[int, ...]") -> int:
-        """Free units written by these (dead) producers that nobody will read."""
-        state = self.state
-        with state.locked() as header:
-            freed = self.reclaim_locked(header, producer_pids)
-        if freed:
-            state.wakeup.notify()
-        return freed
 
     def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
         """:meth:`reclaim` for a caller that already holds the arena lock."""
