@@ -39,11 +39,14 @@ Requires ``accelerate`` (``pip install torch-arena[accelerate]``).
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from ._codec import DEFAULT_THRESHOLD
@@ -220,15 +223,72 @@ def _own_settings(obj: Any) -> dict[str, Any] | None:
     return None
 
 
-def _keep_arena(prepared: Any, settings: dict[str, Any], attachment: _Attachment | None) -> Any:
-    """Give what Accelerate built an arena loader in place of its plain one."""
+class _RandomState:
+    """The torch random state that preparing a loader may consume: the global
+    generator and the generators of the loader and its (batch) samplers."""
+
+    def __init__(self, loader: Any) -> None:
+        self.global_state = torch.get_rng_state()
+        self.generators = {id(g): g.get_state() for g in _generators(loader)}
+
+    @contextlib.contextmanager
+    def replayed(self, loader: Any) -> Iterator[None]:
+        """Within the block, the random state is as it was when this was taken
+        (a generator made since: as just seeded); afterwards, as before the block."""
+        after = torch.get_rng_state()
+        for generator in _generators(loader):
+            before = self.generators.get(id(generator))
+            if before is not None:
+                generator.set_state(before)
+            else:  # made by Accelerate (seeded, then used only by the iterator we replace)
+                generator.manual_seed(generator.initial_seed())
+        torch.set_rng_state(self.global_state)
+        try:
+            yield
+        finally:
+            torch.set_rng_state(after)
+
+
+def _generators(loader: Any) -> list[torch.Generator]:
+    """The torch.Generator objects of ``loader`` and its samplers, nested ones included."""
+    found: dict[int, torch.Generator] = {}
+    pending, seen = [loader], set()
+    while pending:
+        obj = pending.pop()
+        if obj is None or id(obj) in seen or len(seen) > 16:
+            continue
+        seen.add(id(obj))
+        generator = getattr(obj, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found[id(generator)] = generator
+        pending.extend(getattr(obj, name, None) for name in ("sampler", "batch_sampler"))
+    return list(found.values())
+
+
+def _keep_arena(
+    prepared: Any, settings: dict[str, Any], attachment: _Attachment | None, before: _RandomState | None = None
+) -> Any:
+    """Give what Accelerate built an arena loader in place of its plain one.
+
+    ``before``: the random state before Accelerate prepared it. A stateful
+    adapter's ``__init__`` starts an iterator (for its first ``state_dict()``)
+    that draws seeds and the first shuffle; the arena loader's first iterator
+    then starts from that iterator's state with the same random state, so it
+    yields what Accelerate's would have yielded.
+    """
     if _is_adapter(prepared) and isinstance(_base_of(prepared), DataLoader):
         base = _base_of(prepared)
         loader = rebuild_with_arena(base, settings)
+        started = getattr(base, "_iterator", None) is not None
         stop_iterator(base)  # a StatefulDataLoader's state_dict() started workers
         prepared.base_dataloader = loader
-        if hasattr(loader, "state_dict"):
-            prepared.dl_state_dict = loader.state_dict()  # as DataLoaderAdapter.__init__ does
+        if hasattr(loader, "state_dict"):  # as DataLoaderAdapter.__init__ does
+            if started and before is not None and getattr(prepared, "dl_state_dict", None):
+                loader.load_state_dict(prepared.dl_state_dict)  # the same base and shared seeds
+                with before.replayed(base):
+                    prepared.dl_state_dict = loader.state_dict()
+            else:
+                prepared.dl_state_dict = loader.state_dict()
         result = prepared
     elif rebuildable(prepared):
         loader = rebuild_with_arena(prepared, settings)  # skip_first_batches of an unprepared loader
@@ -258,13 +318,14 @@ def _arena_prepare_data_loader(
 ) -> Any:
     attachment: _Attachment = accelerator.__dict__[_ATTACHMENT]
     settings = attachment.settings_for(data_loader)
+    before = _RandomState(data_loader) if settings is not None else None
     with handled_here():
         prepared = attachment.originals["prepare_data_loader"](
             data_loader, device_placement=device_placement, slice_fn_for_dispatch=slice_fn_for_dispatch
         )
     if settings is None or prepared is data_loader:
         return prepared  # not ours, or already prepared (Accelerate returns it as it is)
-    return _keep_arena(prepared, settings, attachment)
+    return _keep_arena(prepared, settings, attachment, before)
 
 
 def _arena_skip_first_batches(accelerator: Accelerator, dataloader: Any, num_batches: int = 0) -> Any:
