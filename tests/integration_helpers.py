@@ -11,8 +11,45 @@ import os
 import time
 
 import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 ARENA_MEMFD = "/memfd:torch_arena"  # the name torch_arena gives its memory files
+
+
+IMAGE = (3, 32, 32)  # 12 KiB per sample: every batch goes through the arena
+
+
+class Images(Dataset):
+    """Sample ``i``: ``(i, an image filled with i)``."""
+
+    def __init__(self, n: int = 64) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return i, torch.full(IMAGE, float(i))
+
+
+class Stream(IterableDataset):
+    """Each worker streams its share of ``range(n)`` as ``(i, image)``,
+    keeping its position in ``pos`` (no state_dict: torchdata resumes it by
+    re-reading)."""
+
+    def __init__(self, n: int = 60) -> None:
+        self.n, self.pos = n, 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        items = list(range(wid, self.n, nw))
+        if self.pos >= len(items):
+            self.pos = 0  # a new epoch
+        while self.pos < len(items):
+            i = items[self.pos]
+            self.pos += 1
+            yield i, torch.full(IMAGE, float(i))
 
 
 def mapping_of(address: int) -> str:

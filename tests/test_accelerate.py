@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
@@ -24,35 +24,20 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from accelerate.utils import DataLoaderConfiguration  # noqa: E402
 
 import torch_arena.accelerate as taa  # noqa: E402
-from integration_helpers import arena_files_open, arena_mappings, in_arena_memory, live_children, wait_no_children  # noqa: E402
+from integration_helpers import (  # noqa: E402
+    Images,
+    Stream,
+    arena_files_open,
+    arena_mappings,
+    in_arena_memory,
+    live_children,
+    wait_no_children,
+)
 from torch_arena import ArenaDataLoader  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
-IMAGE = (3, 32, 32)  # 12 KiB per sample: every batch goes through the arena
 BUDGET = 16 << 20
-
-
-class Images(Dataset):
-    def __init__(self, n: int = 40) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, torch.full(IMAGE, float(i))
-
-
-class Stream(IterableDataset):
-    def __init__(self, n: int = 40) -> None:
-        self.n = n
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for i in range(wid, self.n, nw):
-            yield i, torch.full(IMAGE, float(i))
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +54,7 @@ def accelerator(**config) -> Accelerator:
 
 
 def loader_kwargs(dataset: str, **extra):
-    base = {"dataset": Images() if dataset == "map" else Stream(), "batch_size": 4, "num_workers": 2, **extra}
+    base = {"dataset": Images(40) if dataset == "map" else Stream(40), "batch_size": 4, "num_workers": 2, **extra}
     if "seed" in base:
         base["generator"] = torch.Generator().manual_seed(base.pop("seed"))
     return base

@@ -16,51 +16,17 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 torchdata = pytest.importorskip("torchdata.stateful_dataloader")
 from torchdata.stateful_dataloader import StatefulDataLoader  # noqa: E402
 
-from integration_helpers import in_arena_memory  # noqa: E402
+from integration_helpers import Images, Stream, in_arena_memory  # noqa: E402
 from torch_arena import ArenaDataLoader  # noqa: E402
 from torch_arena.torchdata import ArenaStatefulDataLoader  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
-IMAGE = (3, 32, 32)  # 12 KiB per sample: every batch goes through the arena
 BUDGET = 16 << 20
-
-
-class Images(Dataset):
-    """Sample ``i``: ``(i, an image filled with i)``."""
-
-    def __init__(self, n: int = 64) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        return i, torch.full(IMAGE, float(i))
-
-
-class Stream(IterableDataset):
-    """Each worker streams its share of ``range(n)``. No state_dict: torchdata
-    resumes it by re-reading (fast-forward)."""
-
-    def __init__(self, n: int = 60) -> None:
-        self.n, self.pos = n, 0
-
-    def __iter__(self):
-        info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        items = list(range(wid, self.n, nw))
-        if self.pos >= len(items):
-            self.pos = 0  # a new epoch
-        while self.pos < len(items):
-            i = items[self.pos]
-            self.pos += 1
-            yield i, torch.full(IMAGE, float(i))
 
 
 class StatefulStream(Stream):
