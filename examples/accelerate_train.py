@@ -1,7 +1,7 @@
 """Training with HF Accelerate, batches through an arena.
 
-    torchrun --nproc_per_node 2 examples/accelerate_train.py      # 2 CPU ranks
-    accelerate launch --cpu --num_processes 2 examples/accelerate_train.py
+    torchrun --nproc_per_node 2 examples/accelerate_train.py      # 2 CPU ranks (MULTI_CPU)
+    accelerate launch --cpu examples/accelerate_train.py           # one CPU process
     python examples/accelerate_train.py                            # one process
 
 The one line that differs from a stock Accelerate script is
