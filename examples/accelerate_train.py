@@ -12,7 +12,6 @@ and this keeps the ArenaDataLoader's arena in the rebuilt one.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
@@ -26,17 +25,12 @@ import torch_arena.accelerate
 from torch_arena import ArenaDataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ddp_train import IndexedImages  # noqa: E402  (the same synthetic dataset)
+from ddp_train import IndexedImages, training_arguments  # noqa: E402  (the same data and options)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train; return what this rank saw (sample indices per epoch) and what its arena moved."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arena", choices=["pool", "ring", "none"], default="pool")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = training_arguments(__doc__.splitlines()[0])
     parser.add_argument("--split-batches", action="store_true")
     args = parser.parse_args(argv)
 

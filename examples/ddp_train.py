@@ -40,15 +40,20 @@ class IndexedImages(Dataset):
         return image, label, index
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Train; return what this rank saw (sample indices per epoch) and what its arena moved."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def training_arguments(description: str) -> argparse.ArgumentParser:
+    """The command-line options this example shares with accelerate_train.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--arena", choices=["pool", "ring", "none"], default="pool")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train; return what this rank saw (sample indices per epoch) and what its arena moved."""
+    args = training_arguments(__doc__.splitlines()[0]).parse_args(argv)
 
     distributed = "RANK" in os.environ  # started by torchrun
     own_group = distributed and not dist.is_initialized()
