@@ -216,10 +216,30 @@ class ArenaDataLoader(DataLoader):
         if not self.uses_arena:
             return super()._get_iterator()
         self.check_worker_number_rationality()
-        iterator = _ArenaMultiProcessingDataLoaderIter(self)
+        iterator = self._arena_iterator()
         self._arena_iterators.add(iterator)
         _live_iterators.add(iterator)
         return iterator
+
+    def _arena_iterator(self) -> _BaseDataLoaderIter:
+        """A new multi-process iterator whose workers write into the arena
+        (a subclass with its own iterator, e.g. torchdata's, overrides it)."""
+        return _ArenaMultiProcessingDataLoaderIter(self)
+
+    # Accelerate reads this flag before it rebuilds a loader as a plain
+    # DataLoader (torch_arena.accelerate keeps the arena; otherwise warn).
+    @property
+    def _is_accelerate_prepared(self) -> bool:
+        prepared = bool(self.__dict__.get("_is_accelerate_prepared", False))
+        if not prepared and self.uses_arena:
+            from ._rebuild import warn_arena_dropped
+
+            warn_arena_dropped(self)
+        return prepared
+
+    @_is_accelerate_prepared.setter
+    def _is_accelerate_prepared(self, value: bool) -> None:
+        self.__dict__["_is_accelerate_prepared"] = value
 
 
 _live_iterators: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -237,10 +257,11 @@ def _shut_down_live_iterators() -> None:
             pass
 
 
-class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
-    """torch's multi-process iterator; workers run an :class:`ArenaCollate`."""
+class ArenaIteratorMixin:
+    """Put before a torch-style multi-process iterator class: its workers run
+    an :class:`ArenaCollate` and its batches restore from the loader's arena."""
 
-    def __init__(self, loader: ArenaDataLoader) -> None:
+    def __init__(self, loader: ArenaDataLoader, *args: Any) -> None:
         session = loader._session_for_iterator()
         session.note_workers_gone([])  # reclaim what earlier iterators' workers left
         self._arena_session = session
@@ -250,7 +271,7 @@ class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
             timeout=loader.arena_timeout,
             slots_hint=session.slots,
         )
-        super().__init__(loader)
+        super().__init__(loader, *args)  # type: ignore[call-arg]
 
     # torch's base iterator assigns ``self._collate_fn = loader.collate_fn`` and
     # hands it to the worker processes it starts right after; wrapping it at
@@ -273,10 +294,14 @@ class _ArenaMultiProcessingDataLoaderIter(_MultiProcessingDataLoaderIter):
             return
         pids = [w.pid for w in getattr(self, "_workers", ())]
         try:
-            super()._shutdown_workers()
+            super()._shutdown_workers()  # type: ignore[misc]
         finally:
             session = getattr(self, "_arena_session", None)
             if session is not None and pids and not sys.is_finalizing():
                 # Batches these workers committed but nobody will read (early
                 # break, abandoned iterator) go back to the arena.
                 session.note_workers_gone(pids)
+
+
+class _ArenaMultiProcessingDataLoaderIter(ArenaIteratorMixin, _MultiProcessingDataLoaderIter):
+    """torch's multi-process iterator; workers run an :class:`ArenaCollate`."""

@@ -1,0 +1,86 @@
+"""torchdata integration: :class:`ArenaStatefulDataLoader`, a checkpointable
+loader whose batches cross through an arena.
+
+.. code-block:: python
+
+    from torch_arena.torchdata import ArenaStatefulDataLoader
+
+    loader = ArenaStatefulDataLoader(dataset, batch_size=32, num_workers=4, arena="pool")
+    for step, batch in enumerate(loader):
+        ...
+        if step == 99:
+            checkpoint = {"loader": loader.state_dict(), ...}
+
+    # later, in a new process
+    loader = ArenaStatefulDataLoader(dataset, batch_size=32, num_workers=4, arena="pool")
+    loader.load_state_dict(checkpoint["loader"])
+    for batch in loader:          # batch 100 onwards, exactly as StatefulDataLoader
+        ...
+
+It is torchdata's ``StatefulDataLoader`` (its ``state_dict``, worker loop,
+snapshots and fast-forward) with :class:`~torch_arena.ArenaDataLoader`'s
+transport: each worker's collate function writes the batch into the arena and
+sends a small envelope, and the worker's dataset/fetcher state delta rides in
+the same queue message beside it, as torchdata sends it. Batches that
+``load_state_dict`` makes the next iterator fetch and discard while
+fast-forwarding are restored and dropped at once, so their arena space comes
+back before the next one is needed.
+
+Requires ``torchdata`` (``pip install torch-arena[torchdata]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._dataloader import ArenaDataLoader, ArenaIteratorMixin
+
+try:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "torch_arena.torchdata needs torchdata's StatefulDataLoader (torchdata >= 0.10): "
+        "pip install 'torch-arena[torchdata]'"
+    ) from exc
+
+__all__ = ["ArenaStatefulDataLoader"]
+
+
+class ArenaStatefulDataLoader(ArenaDataLoader, StatefulDataLoader):
+    """torchdata's :class:`~torchdata.stateful_dataloader.StatefulDataLoader`
+    whose workers send batches through a shared-memory arena.
+
+    Takes every ``StatefulDataLoader`` argument (``snapshot_every_n_steps``
+    included) and :class:`~torch_arena.ArenaDataLoader`'s ``arena``,
+    ``arena_budget``, ``arena_overflow``, ``arena_timeout`` and
+    ``arena_threshold``. ``state_dict()`` / ``load_state_dict()`` are
+    torchdata's: a state taken from this loader resumes a
+    ``StatefulDataLoader`` and the other way round, with the same batches.
+
+    :meth:`release_arena` forgets the iterator, and with it the position in
+    the current epoch: take ``state_dict()`` first if you need it.
+    """
+
+    def __init__(self, dataset: Any, *args: Any, snapshot_every_n_steps: int | None = 1, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, snapshot_every_n_steps=snapshot_every_n_steps, **kwargs)
+
+    def _arena_iterator(self) -> Any:
+        iterator = _ArenaStatefulMultiProcessingDataLoaderIter(self, self.next_iter_state)
+        self.next_iter_state = None  # consumed, as StatefulDataLoader does
+        return iterator
+
+    def release_arena(self) -> None:
+        """Stop this loader's workers and free the arena it made (see
+        :meth:`ArenaDataLoader.release_arena`)."""
+        super().release_arena()
+        self._initial_iter_for_state_dict = False  # the iterator it refers to is gone
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_initial_iter_for_state_dict"] = False  # no iterator travels
+        return state
+
+
+class _ArenaStatefulMultiProcessingDataLoaderIter(ArenaIteratorMixin, _StatefulMultiProcessingDataLoaderIter):
+    """torchdata's multi-process iterator; workers run an ArenaCollate."""
