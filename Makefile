@@ -20,7 +20,7 @@ $(PY):
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,lightning,bench,spdl,docs,accelerate,torchdata]"
+	$(PY) -m pip install -q -e ".[dev,lightning,bench,spdl,docs,accelerate,torchdata,hf]"
 	touch $(STAMP)
 
 venv: $(STAMP)
