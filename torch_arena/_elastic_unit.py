@@ -84,14 +84,14 @@ class ElasticReader:
                     f"stale or corrupt envelope: unit {slot} generation {gen} is not waiting to be "
                     f"read (generation {int(tables.ugen[slot])}); an envelope can be restored once"
                 )
-            tables.ustate[slot], tables.uowner[slot] = HELD, current_pid()
             extents = tables.extents
             rows = extents.rows_of(slot)
-            ranges = [(int(extents.start[r]), int(extents.length[r])) for r in rows]
-        unit = ElasticUnit(self, slot, gen, ranges)
-        # Until finish() hands the unit to its views, the unit object holds it:
-        # an interrupt in between still frees it when the object goes.
-        self.tracker.hold(unit.key, [unit])
+            unit = ElasticUnit(self, slot, gen, [(int(extents.start[r]), int(extents.length[r])) for r in rows])
+            # Until finish() hands the unit to its views, the unit object holds
+            # it. Registered before the unit is marked: an interrupt in between
+            # frees it when the object goes, instead of leaking it.
+            self.tracker.hold(unit.key, [unit])
+            tables.ustate[slot], tables.uowner[slot] = HELD, current_pid()
         return unit
 
     def _unit_holding(self, offset: int, nbytes: int) -> ElasticUnit:

@@ -42,8 +42,7 @@ class _Reaper:
         # state) only while one of its leases is outstanding.
         self.entries: dict[int, tuple[LeaseTracker, Hashable, weakref.ref]] = {}
         self.lock = threading.Lock()
-        # Held for a whole drain, releases included: flush() waits for one the
-        # thread has started, so nothing dead is still on its way back after it.
+        # Held by the thread for a whole drain, releases included.
         self.drain_lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.pid = current_pid()
@@ -62,9 +61,14 @@ class _Reaper:
                 self.drain(dead)
             del dead
 
-    def drain(self, dead: "list[weakref.ref]") -> None:
+    def drain(self, dead: "list[weakref.ref]", *, scan: bool = False) -> None:
         """Count down the leases of ``dead`` references (and any queued with
-        them), and release the units whose views are now all gone."""
+        them), and release the units whose views are now all gone.
+
+        With ``scan``, also every registered reference that is already dead:
+        one the thread has taken off the queue but not yet counted. Whoever
+        pops an entry first counts it; the other finds it gone.
+        """
         q = self.queue
         while True:
             try:
@@ -73,6 +77,8 @@ class _Reaper:
                 break
         expired: dict[LeaseTracker, list[Hashable]] = {}
         with self.lock:
+            if scan:
+                dead.extend(entry[2] for entry in self.entries.values() if entry[2]() is None)
             for ref in dead:
                 entry = self.entries.pop(id(ref), None)
                 if entry is not None and entry[2] is ref:
@@ -104,9 +110,13 @@ def flush() -> None:
     with an arena lock held.
     """
     reaper = _reaper
-    if reaper.thread is not None:
+    if reaper.entries or not reaper.queue.empty():
+        # The thread takes a reference off the queue before it holds the drain
+        # lock: the scan counts such a one here. One it has counted, it holds
+        # the lock for until its release is done: waiting for the lock waits
+        # for that release.
         with reaper.drain_lock:
-            reaper.drain([])
+            reaper.drain([], scan=True)
 
 
 class LeaseTracker:

@@ -348,10 +348,12 @@ class PoolReader:
                     f"read (it is {_STATE_NAMES.get(int(row[_STATE]), '?')}, generation {int(row[_GEN])}); "
                     "an envelope can be restored once"
                 )
+            # Until finish() hands the segment to its views, the unit itself
+            # holds it. Registered before the segment is marked: an interrupt in
+            # between frees it when the unit object goes, instead of leaking it.
+            self.tracker.hold((seg, gen), [unit])
             row[_STATE], row[_OWNER] = HELD, current_pid()
             unit.used = int(row[_USED])
-        # Until finish() hands the segment to its views, the unit itself holds it.
-        self.tracker.hold((seg, gen), [unit])
         return unit
 
     def _unit_at(self, seg: int) -> PoolUnit:
