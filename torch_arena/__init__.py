@@ -5,7 +5,7 @@ process gets zero-copy views (segment pool) or cheap private copies (ring
 buffer) instead of unpickling or mapping fresh memory for every batch.
 """
 
-from ._codec import DEFAULT_THRESHOLD, offload, restore
+from ._codec import DEFAULT_THRESHOLD, RestoreError, offload, restore
 from ._dataloader import ArenaDataLoader
 from ._handlers import PayloadHandler, register_handler, unregister_handler
 from ._pool import SharedMemorySegmentPool
@@ -21,6 +21,7 @@ __all__ = [
     "ArenaFallbackWarning",
     "ArenaStats",
     "PayloadHandler",
+    "RestoreError",
     "arena_reducer",
     "install_reducer",
     "uninstall_reducer",

@@ -182,7 +182,7 @@ class ArenaCollate:
         except BaseException:
             writer.abort_unit()
             raise
-        return ArenaBatch(token, pack_envelope(token, span, body), nbytes, writer.last_wait_seconds)
+        return ArenaBatch(token, pack_envelope(token, span, body, self.threshold), nbytes, writer.last_wait_seconds)
 
     def _fall_back(self, data: Any, batch: Any, cause: str, waited: float, held: bool = False) -> Any:
         if batch is None:
