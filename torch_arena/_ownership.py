@@ -27,6 +27,8 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 __all__ = ["OwnershipPickler"]
 
 #: Types that hold neither bytes nor other objects: never worth a mark.
@@ -35,6 +37,9 @@ _CONTAINERS = frozenset((tuple, list, dict, set, frozenset))
 _HASHED = frozenset((set, frozenset))
 #: Reconstructors of object's default reduction: state is set attribute by attribute.
 _DEFAULT_REDUCERS = (copyreg.__newobj__, copyreg.__newobj_ex__, copyreg._reconstructor)
+#: Types whose reduction holds no bytes-like (tensors: storages, sizes, flags):
+#: pickle reduces them itself, saving a Python call per tensor.
+_OPAQUE = frozenset((types.FunctionType, torch.Tensor, torch.nn.Parameter, torch.Size, torch.dtype, torch.device))
 _HOOKS = ("__reduce_ex__", "__reduce__", "__getstate__", "__setstate__", "__getnewargs__", "__getnewargs_ex__")
 _OBJECT_HOOKS = tuple(getattr(object, name, None) for name in _HOOKS)
 
@@ -56,6 +61,7 @@ class OwnershipPickler(pickle.Pickler):
     def __init__(self, file: Any, protocol: int) -> None:
         super().__init__(file, protocol=protocol)
         self._protocol = protocol
+        self.state_min = 0  # bytes shorter than this are not worth marking
         # id -> object, holding each marked object so that its id stays its own
         self._state: dict[int, object] = {}
         self._expanded: set[int] = set()
@@ -66,8 +72,10 @@ class OwnershipPickler(pickle.Pickler):
         return id(obj) in self._state
 
     def _mark(self, obj: object) -> None:
-        if type(obj) not in _SCALARS:
-            self._state[id(obj)] = obj
+        cls = type(obj)
+        if cls in _SCALARS or (cls is bytes or cls is bytearray) and len(obj) < self.state_min:  # type: ignore[arg-type]
+            return
+        self._state[id(obj)] = obj
 
     def _mark_all(self, objs: Any) -> None:
         if not _SCALARS.issuperset(map(type, objs)):
@@ -89,7 +97,7 @@ class OwnershipPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         """pickle's own reduction of ``obj``, after marking what is state in it."""
         cls = type(obj)
-        if cls is type or cls is types.FunctionType:
+        if cls is type or cls in _OPAQUE:
             return NotImplemented
         reduce = copyreg.dispatch_table.get(cls)
         if reduce is not None:
