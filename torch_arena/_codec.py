@@ -63,7 +63,8 @@ class _OffloadPickler(OwnershipPickler):
         super().__init__(file, protocol=5)
         self._writer = writer
         self._threshold = threshold
-        self._state_min = self.state_min = max(threshold, STATE_BYTES_MIN)
+        self._state_min = max(threshold, STATE_BYTES_MIN)
+        self.mark_min = threshold
         self._fast = hasattr(writer, "allocate")
         self._placed: dict[tuple[int, int], int] = {}
         self.binary_bytes = 0

@@ -61,7 +61,7 @@ class OwnershipPickler(pickle.Pickler):
     def __init__(self, file: Any, protocol: int) -> None:
         super().__init__(file, protocol=protocol)
         self._protocol = protocol
-        self.state_min = 0  # bytes shorter than this are not worth marking
+        self.mark_min = 0  # bytes shorter than this travel inline anyway: no mark needed
         # id -> object, holding each marked object so that its id stays its own
         self._state: dict[int, object] = {}
         self._expanded: set[int] = set()
@@ -73,7 +73,7 @@ class OwnershipPickler(pickle.Pickler):
 
     def _mark(self, obj: object) -> None:
         cls = type(obj)
-        if cls in _SCALARS or (cls is bytes or cls is bytearray) and len(obj) < self.state_min:  # type: ignore[arg-type]
+        if cls in _SCALARS or (cls is bytes or cls is bytearray) and len(obj) < self.mark_min:  # type: ignore[arg-type]
             return
         self._state[id(obj)] = obj
 
