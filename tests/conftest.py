@@ -22,6 +22,57 @@ import torch
 
 _SHM = "/dev/shm"
 
+#: Set by ``make test`` (and so CI): every test must run. A skip there means a
+#: broken install (a missing extra, FFmpeg libraries, ``unshare``) and fails;
+#: a plain ``pytest`` still skips, with the reason shown.
+REQUIRE_ALL = os.environ.get("TORCH_ARENA_REQUIRE_ALL") == "1"
+
+pytest_plugins = ["pytester"]
+
+
+def _skip_reason(report: Any) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_skip(report: Any) -> None:
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = (
+            f"skipped under TORCH_ARENA_REQUIRE_ALL=1 (make test), where every test must run: "
+            f"{_skip_reason(report)}"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """Under :data:`REQUIRE_ALL`, a skipped test is a failed one."""
+    outcome = yield
+    _fail_skip(outcome.get_result())
+
+
+_skipped_modules: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: Any) -> Any:
+    """Under :data:`REQUIRE_ALL`, a module skipped at import (importorskip) fails
+    the session, once everything else has run."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped:
+        _skipped_modules.append(f"{report.nodeid}: {_skip_reason(report)}")
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    if _skipped_modules and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _skipped_modules:
+        terminalreporter.write_line(f"FAILED (skipped under TORCH_ARENA_REQUIRE_ALL=1, make test): {line}", red=True)
+
 
 def _shm_listing() -> set[str]:
     try:
