@@ -98,3 +98,80 @@ def test_pin_memory_restores_in_the_thread_that_reads_the_queue():
         expected = threading.main_thread().name
         assert any("pin_memory" in str(w.message) for w in record)
     assert _restored_in == [expected] * 6
+
+
+# -- arenas rebuilt, settings honoured, statistics -------------------------------------------
+
+
+def test_loader_rebuilds_its_arena_when_settings_change():
+    loader = ta.ArenaDataLoader(Ones(), batch_size=2, num_workers=1, arena_budget=4 << 20)
+    try:
+        assert len(list(loader)) == 4
+        first = loader._arena_session.arena
+        assert len(list(loader)) == 4
+        assert loader._arena_session.arena is first  # same settings: kept across iterators
+        loader.arena_budget = 8 << 20
+        assert len(list(loader)) == 4
+        assert loader._arena_session.arena is not first and first.closed  # the old one was freed
+        assert loader._arena_session.arena.capacity > first.capacity
+        loader.arena = "ring"
+        assert len(list(loader)) == 4
+        assert isinstance(loader._arena_session.arena, ta.SharedMemoryRingBuffer)
+    finally:
+        loader.release_arena()
+
+
+def test_loader_with_a_user_arena_that_was_closed_uses_its_replacement_clearly():
+    arena = ta.SharedMemorySegmentPool(256 << 10, 6)
+    loader = ta.ArenaDataLoader(Ones(), batch_size=2, num_workers=1, arena=arena)
+    assert len(list(loader)) == 4 and loader.arena_stats.batches == 4
+    arena.close()
+    with pytest.raises(ValueError, match="is closed in this process"):
+        list(loader)  # a closed user arena is not silently replaced
+    replacement = ta.SharedMemorySegmentPool(256 << 10, 6)
+    loader.arena = replacement
+    assert len(list(loader)) == 4 and loader._arena_session.arena is replacement
+    loader.release_arena()
+    assert not replacement.closed  # the user's arena stays the user's to close
+    replacement.close()
+
+
+def test_arena_threshold_reaches_the_workers():
+    """Items of 16 KiB: with the default threshold they cross through the arena;
+    with a threshold above them they travel inline (no payload bytes counted)."""
+    for threshold, moved in ((4096, True), (1 << 20, False)):
+        loader = ta.ArenaDataLoader(Ones(), batch_size=2, num_workers=1, arena_threshold=threshold)
+        try:
+            assert len(list(loader)) == 4
+            stats = loader.arena_stats
+            assert stats.batches == 4
+            assert (stats.bytes == 4 * 2 * 4096 * 4) if moved else (stats.bytes == 0), stats
+        finally:
+            loader.release_arena()
+
+
+def test_stats_count_waits_fallbacks_and_high_water():
+    """A pool of 2 one-batch segments and a loop that keeps every batch: the
+    workers wait (wait_seconds), then fall back (last_fallback_reason); the
+    high-water marks are the pool's."""
+    arena = ta.SharedMemorySegmentPool(64 << 10, 2)
+    loader = ta.ArenaDataLoader(Ones(), batch_size=2, num_workers=1, arena=arena, arena_timeout=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ta.ArenaFallbackWarning)
+        kept = list(loader)
+    stats = loader.arena_stats
+    assert len(kept) == 4 and stats.batches + stats.fallbacks == 4 and stats.fallbacks >= 1
+    assert stats.wait_seconds >= 0.15, stats  # at least one worker waited out the 0.2 s timeout
+    assert "no free segment" in stats.last_fallback_reason and "keep fewer" in stats.last_fallback_reason
+    assert stats.high_water_units == 2
+    assert stats.high_water_bytes == 2 * 2 * 4096 * 4  # two batches of 2 × 16 KiB, at once
+    del kept
+    loader.release_arena()
+    arena.close()
+
+
+def test_session_for_an_arena_not_open_here_says_what_to_do():
+    from torch_arena._session import session_for
+
+    with pytest.raises(RuntimeError, match="not open in this process.*read by the process that created"):
+        session_for(0x1234)

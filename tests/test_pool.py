@@ -453,3 +453,19 @@ def test_bad_arguments_raise_value_error(kwargs, message):
 def test_impossible_size_is_a_memory_error():
     with pytest.raises(MemoryError, match="cannot reserve|could not reserve"):
         ta.SharedMemorySegmentPool(1 << 40, 1 << 10)
+
+
+def test_shutdown_wakes_a_writer_waiting_for_a_segment():
+    import threading
+
+    pool = ta.SharedMemorySegmentPool(64 * KiB, 1, acquire_timeout=30.0)
+    w = pool.open_writer()
+    env = ta.offload(np.zeros(1000), w)  # the only segment: committed, unread
+    threading.Timer(0.2, pool.shutdown_arena).start()
+    start = time.monotonic()
+    with pytest.raises(BufferError, match="shut down while waiting"):
+        ta.offload(np.zeros(1000), w)
+    assert 0.15 <= time.monotonic() - start < 10.0  # woken by the shutdown, not the 30 s timeout
+    assert pool.segment_states() == ["committed"]
+    del env
+    pool.close()
