@@ -17,25 +17,10 @@ from hypothesis import strategies as st
 
 import torch_arena as ta
 from torch_arena import _codec
-from conftest import assert_same, collect, inside_arena
+from conftest import assert_arena_idle, assert_same, inside_arena, round_trip
+from conftest import zero_copy as is_pool
 
 KiB = 1024
-
-
-def round_trip(arena, obj, **kwargs):
-    w, r = arena.open_writer(), arena.open_reader()
-    return ta.restore(ta.offload(obj, w, **kwargs), r)
-
-
-def assert_arena_idle(arena) -> None:
-    collect()
-    used = arena.usage()
-    assert used["units_in_use"] == 0 and used["bytes_in_use"] == 0, used
-
-
-def is_pool(arena) -> bool:
-    """Whether ``arena`` restores zero-copy views (the fixed or the elastic pool)."""
-    return isinstance(arena, (ta.SharedMemorySegmentPool, ta.SharedMemoryElasticPool))
 
 
 # -- bytes-likes ---------------------------------------------------------------------------
@@ -99,10 +84,9 @@ def random_array(dtype, shape, seed=0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=str)
-# Not 0: a datetime64 dtype pickles its unit as a 2-byte bytes object, which a
-# zero threshold would send through the arena too (and the pool restores bytes
-# as memoryviews, which numpy's dtype unpickling does not accept).
-@pytest.mark.parametrize("threshold", [16, 4096])
+# 0 too: a datetime64 dtype pickles its unit as a 2-byte bytes object, which
+# then travels through the arena and must come back as bytes.
+@pytest.mark.parametrize("threshold", [0, 16, 4096])
 def test_numpy_dtypes(arena, dtype, threshold):
     a = random_array(dtype, (50, 70), seed=1)
     w, r = arena.open_writer(), arena.open_reader()
@@ -192,27 +176,19 @@ def test_object_arrays_are_pickled_inline(arena):
     assert_arena_idle(arena)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "ring",
-        pytest.param(
-            "pool",
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=ValueError,
-                reason="known limitation: the pool restores large bytes as memoryviews, also inside "
-                "other objects' pickled state, and MaskedArray.__setstate__ insists on bytes",
-            ),
-        ),
-    ],
-)
-def test_masked_array_state_bytes(request, backend):
-    arena = request.getfixturevalue(backend)
+@pytest.mark.parametrize("threshold", [0, 1024, 4096])
+def test_masked_array_state_bytes(arena, threshold):
+    """A masked array pickles its data and mask as bytes, which its __setstate__
+    needs as bytes: it restores from every backend."""
     masked = np.ma.masked_array(np.arange(5000.0), mask=np.arange(5000) % 2 == 0)
-    out = round_trip(arena, masked)
+    w, r = arena.open_writer(), arena.open_reader()
+    env = ta.offload(masked, w, threshold=threshold)
+    assert len(env) < 1024, "the data and the mask travel through the arena"
+    out = ta.restore(env, r)
     assert type(out) is np.ma.MaskedArray
     assert np.array_equal(out.mask, masked.mask) and np.array_equal(out.data, masked.data)
+    del out
+    assert_arena_idle(arena)
 
 
 # -- torch ---------------------------------------------------------------------------------
@@ -343,350 +319,3 @@ def test_nested_structures(arena):
     assert type(out["pt"]) is Point and type(out["batch"][0]) is Sample
     del out
     assert_arena_idle(arena)
-
-
-def test_threshold_must_be_a_non_negative_int(pool):
-    w = pool.open_writer()
-    for bad in (-1, 1.5, True, "4096"):
-        with pytest.raises(ValueError, match="threshold"):
-            ta.offload(b"x", w, threshold=bad)
-    assert pool.segment_states() == ["free"] * 4
-
-
-# -- user handlers -------------------------------------------------------------------------
-
-
-class Blob:
-    """A user type the built-in handlers know nothing about."""
-
-    def __init__(self, payload, tag):
-        self.payload, self.tag = payload, tag
-
-
-class BlobHandler:
-    kind = "test-blob"
-
-    def __init__(self):
-        self.restored = collections.Counter()
-
-    def matches(self, obj, threshold):
-        return type(obj) is Blob and len(obj.payload) >= threshold
-
-    def get_buffer(self, obj):
-        return obj.payload, obj.tag
-
-    def from_buffer(self, buf, meta, zero_copy):
-        self.restored[zero_copy] += 1
-        return Blob(buf if zero_copy else bytes(buf), meta)
-
-
-@pytest.fixture
-def blob_handler():
-    handler = BlobHandler()
-    ta.register_handler(handler)
-    yield handler
-    try:
-        ta.unregister_handler(handler.kind)
-    except ValueError:
-        pass  # the test unregistered it already
-
-
-def test_user_handler_round_trips(arena, blob_handler):
-    w, r = arena.open_writer(), arena.open_reader()
-    blob = Blob(bytes(range(256)) * 64, tag="t1")
-    env = ta.offload({"blob": blob, "n": 1}, w)
-    assert len(env) < 1024 and b"test-blob" in env
-    out = ta.restore(env, r)
-    assert out["blob"].tag == "t1" and bytes(out["blob"].payload) == blob.payload
-    assert blob_handler.restored[is_pool(arena)] == 1
-    if is_pool(arena):
-        assert inside_arena(arena, out["blob"].payload)  # zero-copy on the pool
-    else:
-        assert type(out["blob"].payload) is bytes
-    # below the threshold the handler is not used: plain pickling
-    small = ta.restore(ta.offload(Blob(b"abc", "s"), w), r)
-    assert small.payload == b"abc" and sum(blob_handler.restored.values()) == 1
-    del out
-    assert_arena_idle(arena)
-
-
-def test_user_handler_is_tried_before_builtins_and_unregisters(arena):
-    class BigBytes(BlobHandler):
-        kind = "test-bytes-first"
-
-        def matches(self, obj, threshold):
-            return isinstance(obj, bytes) and len(obj) >= threshold
-
-        def get_buffer(self, obj):
-            return obj, None
-
-        def from_buffer(self, buf, meta, zero_copy):
-            self.restored[zero_copy] += 1
-            return bytes(buf)
-
-    handler = BigBytes()
-    ta.register_handler(handler)
-    try:
-        w, r = arena.open_writer(), arena.open_reader()
-        out = ta.restore(ta.offload(b"z" * 10_000, w), r)
-        assert type(out) is bytes and sum(handler.restored.values()) == 1
-        pending = ta.offload(b"y" * 10_000, w)
-    finally:
-        ta.unregister_handler("test-bytes-first")
-    with pytest.raises(ValueError, match="test-bytes-first"):
-        ta.restore(pending, r)  # its handler is gone here
-    out = ta.restore(ta.offload(b"z" * 10_000, w), r)  # built-in bytes handler again
-    assert bytes(out) == b"z" * 10_000 and sum(handler.restored.values()) == 1
-    del out
-    assert_arena_idle(arena)
-
-
-def test_register_handler_rejects_bad_objects(blob_handler):
-    class NoMethods:
-        kind = "test-no-methods"
-
-    class BadKind(BlobHandler):
-        kind = 5
-
-    for bad in (object(), NoMethods(), BadKind(), "handler", None):
-        with pytest.raises(ValueError, match="not a payload handler"):
-            ta.register_handler(bad)
-    with pytest.raises(ValueError, match="already registered"):
-        ta.register_handler(BlobHandler())  # same kind twice
-    with pytest.raises(ValueError, match="already registered"):
-        dup = BlobHandler()
-        dup.kind = "numpy"
-        ta.register_handler(dup)
-    with pytest.raises(ValueError):
-        ta.unregister_handler("numpy")  # built-ins stay
-    with pytest.raises(ValueError):
-        ta.unregister_handler("test-never-registered")
-    ta.unregister_handler(blob_handler.kind)
-    with pytest.raises(ValueError):
-        ta.unregister_handler(blob_handler.kind)
-
-
-# -- corrupt envelopes ------------------------------------------------------------------------
-
-ITEM = {"a": np.arange(3000, dtype=np.int32), "t": torch.ones(100, 50), "b": b"x" * 5000, "s": "hello"}
-
-
-def test_header_bit_flips_raise_value_error(arena):
-    w, r = arena.open_writer(), arena.open_reader()
-    env = ta.offload(ITEM, w)
-    for pos in range(_codec._HEADER.size):
-        for bit in range(8):
-            bad = bytearray(env)
-            bad[pos] ^= 1 << bit
-            with pytest.raises(ValueError):
-                ta.restore(bytes(bad), r)
-    assert_same(ITEM, ta.restore(env, r))  # the real unit was never disturbed
-    assert_arena_idle(arena)
-
-
-def test_truncated_envelopes_raise_value_error(arena):
-    w, r = arena.open_writer(), arena.open_reader()
-    first = ta.offload(ITEM, w)
-    length = len(first)
-    ta.restore(first, r)
-    for cut in list(range(0, 40)) + list(range(40, length, 7)) + [length - 1]:
-        env = ta.offload(ITEM, w)
-        with pytest.raises(ValueError):
-            ta.restore(env[:cut], r)
-        try:  # the unit was either never opened (header cut) or is already freed
-            ta.restore(env, r)
-        except ValueError:
-            pass
-    assert_arena_idle(arena)
-
-
-def test_wrong_magic_and_wrong_type(arena):
-    w, r = arena.open_writer(), arena.open_reader()
-    env = ta.offload(ITEM, w)
-    with pytest.raises(ValueError, match="bad magic"):
-        ta.restore(b"XXXX" + env[4:], r)
-    with pytest.raises(ValueError, match="bad magic"):
-        ta.restore(pickle.dumps(ITEM), r)
-    with pytest.raises(ValueError, match="shorter than"):
-        ta.restore(b"", r)
-    with pytest.raises(TypeError):
-        ta.restore("not bytes", r)
-    assert_same(ITEM, ta.restore(memoryview(env), r))
-    assert_arena_idle(arena)
-
-
-def test_envelope_from_another_arena(arena):
-    others = [ta.SharedMemorySegmentPool(1 << 20, 2), ta.SharedMemoryRingBuffer(1 << 20)]
-    w, r = arena.open_writer(), arena.open_reader()
-    env = ta.offload(ITEM, w)
-    for other in others:
-        with pytest.raises(ValueError, match="belongs to arena"):
-            ta.restore(env, other.open_reader())
-        foreign = ta.offload(ITEM, other.open_writer())
-        with pytest.raises(ValueError, match="belongs to arena"):
-            ta.restore(foreign, r)
-        ta.restore(foreign, other.open_reader())
-        other.close()
-    assert_same(ITEM, ta.restore(env, r))
-    assert_arena_idle(arena)
-
-
-class _Ref:
-    def __init__(self, *pid):
-        self.pid = pid
-
-
-class _ForgingPickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        return obj.pid if isinstance(obj, _Ref) else None
-
-
-def forge(writer, make_refs) -> bytes:
-    """A well-formed envelope for a real unit whose references ``make_refs(base)`` names."""
-    writer.begin_unit()
-    base, view = writer.allocate(4096)
-    view[:] = 0x5A
-    span = writer.commit_unit()
-    buf = io.BytesIO()
-    _ForgingPickler(buf, protocol=5).dump(make_refs(base))
-    return _codec.pack_envelope(writer.token, span, buf.getvalue())
-
-
-NP_META = (np.dtype(np.uint8), (8,), "C")
-FORGERIES = {
-    "past-the-unit": lambda base: [_Ref("torch_arena", "numpy", base + 4096 + 64, 8, NP_META)],
-    "straddles-the-end": lambda base: [_Ref("torch_arena", "numpy", base + 4090, 8, NP_META)],
-    "huge-size": lambda base: [_Ref("torch_arena", "bytes", base, 10**12, (bytes, "B", (10**12,)))],
-    "far-offset": lambda base: [_Ref("torch_arena", "numpy", 2**62, 8, NP_META)],
-    "before-the-unit": lambda base: [_Ref("torch_arena", "numpy", base - 64, 8, NP_META)],
-    "negative-offset": lambda base: [_Ref("torch_arena", "numpy", -8, 8, NP_META)],
-    "negative-size": lambda base: [_Ref("torch_arena", "numpy", base, -8, NP_META)],
-    "offset-not-int": lambda base: [_Ref("torch_arena", "numpy", "0", 8, NP_META)],
-    "unknown-kind": lambda base: [_Ref("torch_arena", "no-such-kind", base, 8, NP_META)],
-    "foreign-tag": lambda base: [_Ref("other", "numpy", base, 8, NP_META)],
-    "short-reference": lambda base: [_Ref("torch_arena", "numpy", base)],
-    "meta-mismatch": lambda base: [_Ref("torch_arena", "numpy", base, 8, (np.dtype(np.float64), (1000,), "C"))],
-    "good-then-bad": lambda base: [
-        _Ref("torch_arena", "numpy", base, 8, NP_META),
-        _Ref("torch_arena", "numpy", base + 8192, 8, NP_META),
-    ],
-}
-
-
-@pytest.mark.parametrize("name", list(FORGERIES))
-def test_forged_references_raise_value_error(arena, name):
-    w, r = arena.open_writer(), arena.open_reader()
-    held = ta.restore(ta.offload(np.full(4000, 3, np.uint8), w), r)  # a neighbouring unit
-    env = forge(w, FORGERIES[name])
-    with pytest.raises(ValueError):
-        ta.restore(env, r)
-    with pytest.raises(ValueError):
-        ta.restore(env, r)  # the unit was consumed: no leak, no second chance
-    assert np.all(held == 3)
-    del held
-    assert_arena_idle(arena)
-
-
-def test_reference_into_another_unit_is_refused(pool):
-    w, r = pool.open_writer(), pool.open_reader()
-    other = ta.offload(np.full(4000, 9, np.uint8), w)  # committed, in another segment
-    _, other_span, _ = _codec.parse_envelope(other)
-    other_base = (other_span & 0xFFFFFFFF) * pool._stride
-    env = forge(w, lambda base: [_Ref("torch_arena", "numpy", other_base, 8, NP_META)])
-    with pytest.raises(ValueError, match="outside"):
-        ta.restore(env, r)
-    assert np.all(ta.restore(other, r) == 9)
-    assert_arena_idle(pool)
-
-
-def test_forged_envelope_that_is_valid_restores(arena):
-    w, r = arena.open_writer(), arena.open_reader()
-    env = forge(w, lambda base: [_Ref("torch_arena", "numpy", base + 64, 8, NP_META)])
-    out = ta.restore(env, r)
-    assert list(out[0]) == [0x5A] * 8
-    del out
-    assert_arena_idle(arena)
-
-
-# -- property test ---------------------------------------------------------------------------
-
-Pair = collections.namedtuple("Pair", ["left", "right"])
-
-
-@dataclasses.dataclass
-class Box:
-    left: Any
-    right: Any
-
-
-_NP_KINDS = [np.uint8, np.int16, np.uint16, np.int32, np.int64, np.float16, np.float32, np.float64, np.complex64, np.bool_]
-_TORCH_EXTRA = [None, torch.bfloat16, torch.float16]
-
-
-@st.composite
-def np_arrays(draw):
-    dtype = draw(st.sampled_from(_NP_KINDS))
-    shape = tuple(draw(st.lists(st.integers(0, 24), min_size=0, max_size=3)))
-    a = random_array(dtype, shape, seed=draw(st.integers(0, 2**32 - 1)))
-    layout = draw(st.sampled_from(["c", "f", "t", "step"]))
-    if layout == "f":
-        a = np.asfortranarray(a)
-    elif layout == "t":
-        a = a.T
-    elif layout == "step" and a.ndim:
-        a = a[::2]
-    return a
-
-
-@st.composite
-def tensors(draw):
-    a = draw(np_arrays())
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    extra = draw(st.sampled_from(_TORCH_EXTRA))
-    if extra is not None and t.dtype not in (torch.bool, torch.complex64, torch.uint16):
-        t = t.to(extra)
-    if t.dim() >= 2 and draw(st.booleans()):
-        t = t.transpose(0, 1)
-    return t
-
-
-@st.composite
-def blobs(draw):
-    data = random.Random(draw(st.integers(0, 2**32 - 1))).randbytes(draw(st.integers(0, 20_000)))
-    return draw(st.sampled_from([bytes, bytearray]))(data)
-
-
-leaves = st.one_of(
-    np_arrays(), tensors(), blobs(), st.integers(), st.text(max_size=8), st.none(), st.floats(allow_nan=False)
-)
-structures = st.recursive(
-    leaves,
-    lambda children: st.one_of(
-        st.lists(children, max_size=4),
-        st.dictionaries(st.text(max_size=4), children, max_size=4),
-        st.tuples(children, children),
-        st.builds(Pair, children, children),
-        st.builds(Box, children, children),
-    ),
-    max_leaves=8,
-)
-
-
-@pytest.fixture(scope="module")
-def property_arenas():
-    pool = ta.SharedMemorySegmentPool(8 << 20, 2, acquire_timeout=1.0)
-    ring = ta.SharedMemoryRingBuffer(16 << 20)
-    yield pool, ring
-    pool.close()
-    ring.close()
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(obj=structures, threshold=st.sampled_from([0, 1024, 4096]))
-def test_property_random_structures_round_trip(property_arenas, obj, threshold):
-    for arena in property_arenas:
-        w, r = arena.open_writer(), arena.open_reader()
-        out = ta.restore(ta.offload(obj, w, threshold=threshold), r)
-        assert_same(obj, out)
-        del out
-        assert arena.usage()["units_in_use"] == 0

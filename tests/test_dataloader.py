@@ -352,16 +352,6 @@ def test_several_loaders_at_once():
     assert a.arena_stats.batches == b.arena_stats.batches == 6
 
 
-def test_pin_memory_without_accelerator_only_warns():
-    loader = ta.ArenaDataLoader(Samples(), batch_size=4, num_workers=2, pin_memory=True, arena_budget=SMALL_BUDGET)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        labels = [int(x) for b in loader for x in b["label"]]
-    assert labels == list(range(24))
-    if not torch.accelerator.is_available():
-        assert any("pin_memory" in str(w.message) for w in record)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("arena", ["pool", "ring"])

@@ -127,7 +127,7 @@ def die_mid_unit(pool, ring, ready, lock_pool: bool) -> None:
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 @pytest.mark.parametrize("lock_pool", [False, True], ids=["unlocked", "holding-lock"])
 def test_sigkilled_producer_mid_unit_frees_its_space(method, lock_pool):
-    pool = ta.SharedMemorySegmentPool(128 * 1024, 3, acquire_timeout=5.0)
+    pool = ta.SharedMemorySegmentPool(128 * 1024, 3, acquire_timeout=30.0)
     ring = ta.SharedMemoryRingBuffer(64 * 1024)
     ctx = mp.get_context(method)
     ready = ctx.Event()
@@ -149,7 +149,7 @@ def test_sigkilled_producer_mid_unit_frees_its_space(method, lock_pool):
     w, r = pool.open_writer(), pool.open_reader()
     start = time.monotonic()
     out = ta.restore(ta.offload(np.full(20_000, 7, np.uint8), w), r)
-    assert time.monotonic() - start < 2.0
+    assert time.monotonic() - start < 10.0  # reclaimed at once, not after the 30 s timeout
     assert np.all(out == 7)
     del out
     # its committed units will never be read: reclaim() returns them

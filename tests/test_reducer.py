@@ -119,3 +119,35 @@ def test_queue_between_processes(method, kind):
         # Every tensor and array came through the arena (the arena has room
         # for all of them at once, so none had to fall back to torch's path).
         assert session_for(arena.token).stats.batches == 12
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "4096"])
+def test_install_rejects_a_bad_threshold(bad):
+    with ta.SharedMemorySegmentPool(1 << 20, 2) as pool:
+        with pytest.raises(ValueError, match="threshold must be an int >= 0"):
+            ta.install_reducer(pool, threshold=bad)
+        with pytest.raises(ValueError, match="needs a torch_arena arena instance"):
+            ta.install_reducer(object())
+        with pytest.raises(ValueError, match="no matching arena_reducer is installed"):
+            ta.uninstall_reducer(pool)
+
+
+def test_stacked_installs_send_through_the_latest_and_uninstall_out_of_order():
+    original = ForkingPickler._extra_reducers.get(torch.UntypedStorage)
+    with ta.SharedMemorySegmentPool(1 << 20, 4) as first, ta.SharedMemorySegmentPool(1 << 20, 4) as second:
+        ta.install_reducer(first)
+        ta.install_reducer(second)
+        try:
+            out = roundtrip(torch.ones(4096))
+            assert in_pool(second, out) and not in_pool(first, out)  # the latest sends
+            del out
+            ta.uninstall_reducer(first)  # out of order: the other one stays active
+            out = roundtrip(torch.ones(4096))
+            assert in_pool(second, out)
+            del out
+        finally:
+            ta.uninstall_reducer()
+        gc.collect()
+        assert ForkingPickler._extra_reducers.get(torch.UntypedStorage) is original
+        out = roundtrip(torch.ones(4096))  # torch's own path again
+        assert not in_pool(first, out) and not in_pool(second, out)

@@ -83,7 +83,7 @@ def test_full_ring_raises_at_once_with_sizing_advice():
     start = time.monotonic()
     with pytest.raises(BufferError) as info:
         ta.offload(np.ones(40_000, np.uint8), w)
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 2.0  # no wait (margin for a loaded machine)
     msg = str(info.value)
     assert msg.startswith("shared-memory arena full: ")
     assert "(buffer_size + 2) × max_item_bytes" in msg
@@ -127,7 +127,7 @@ def test_positive_timeout_expires():
     start = time.monotonic()
     with pytest.raises(BufferError, match="^shared-memory arena full") as info:
         ta.offload(np.zeros(40_000, np.uint8), w)
-    assert 0.25 <= time.monotonic() - start < 3.0
+    assert 0.25 <= time.monotonic() - start < 10.0  # the timeout, no hang (margin for load)
     assert "pass acquire_timeout" not in str(info.value)
     ta.restore(first, r)
     ring.close()
@@ -258,7 +258,7 @@ def test_unit_larger_than_the_ring_fails_at_once_even_with_a_timeout():
     start = time.monotonic()
     with pytest.raises(BufferError, match="does not fit"):
         ta.offload([np.zeros(40_000, np.uint8), np.zeros(40_000, np.uint8)], w)  # 80 KB in one unit
-    assert time.monotonic() - start < 1.0  # waiting could never help
+    assert time.monotonic() - start < 10.0  # not the 30 s timeout: waiting could never help
     assert_empty(ring)
 
 
@@ -319,8 +319,15 @@ def test_reclaim_frees_committed_units_of_dead_producers():
     ring.close()
 
 
-@pytest.mark.parametrize("kwargs", [dict(capacity=0), dict(capacity=-5), dict(capacity=1024, acquire_timeout=-1)])
-def test_bad_arguments_raise_value_error(kwargs):
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(capacity=0), "capacity must be a positive int, got 0"),
+        (dict(capacity=-5), "capacity must be a positive int, got -5"),
+        (dict(capacity=1024, acquire_timeout=-1), "acquire_timeout must be a number of seconds >= 0, got -1"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
     capacity = kwargs.pop("capacity")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(message)):
         ta.SharedMemoryRingBuffer(capacity, **kwargs)

@@ -7,7 +7,7 @@ unpickling or mapping fresh memory for every batch.
 """
 
 from ._base import ArenaSpaceTimeout
-from ._codec import DEFAULT_THRESHOLD, offload, restore
+from ._codec import DEFAULT_THRESHOLD, RestoreError, offload, restore
 from ._dataloader import ArenaDataLoader
 from ._elastic import SharedMemoryElasticPool
 from ._handlers import PayloadHandler, register_handler, unregister_handler
@@ -25,6 +25,7 @@ __all__ = [
     "ArenaSpaceTimeout",
     "ArenaStats",
     "PayloadHandler",
+    "RestoreError",
     "arena_reducer",
     "install_reducer",
     "uninstall_reducer",

@@ -262,6 +262,7 @@ class ArenaIteratorMixin:
     an :class:`ArenaCollate` and its batches restore from the loader's arena."""
 
     def __init__(self, loader: ArenaDataLoader, *args: Any) -> None:
+        self._arena_pid = os.getpid()  # only this process may shut its workers down
         session = loader._session_for_iterator()
         session.note_workers_gone([])  # reclaim what earlier iterators' workers left
         self._arena_session = session
@@ -291,6 +292,11 @@ class ArenaIteratorMixin:
             # __init__ failed before torch's part ran (e.g. MemoryError making
             # the arena): no worker exists; torch's __del__ would otherwise
             # print an AttributeError under the user's real error.
+            return
+        if self.__dict__.get("_arena_pid") != os.getpid():
+            # A copy inherited by a forked process (the next loader's worker, while
+            # this iterator was still alive): its workers are not this process's
+            # children, and torch's shutdown would fail asserting so.
             return
         pids = [w.pid for w in getattr(self, "_workers", ())]
         try:

@@ -9,8 +9,16 @@ straight into the arena).
 
 Restore rules (SPDL's, plus what SPDL gets wrong):
 
-* bytes / bytearray / memoryview: the pool gives a writable ``memoryview``
-  over shared memory for all three; the ring gives back the original type.
+* bytes / bytearray / memoryview that are the user's own values (the item
+  itself, or held by its dicts, lists, tuples, namedtuples, dataclasses and
+  other objects pickled attribute by attribute): the pool gives a writable
+  ``memoryview`` over shared memory for all three; the ring gives back the
+  original type.
+* bytes inside another object's pickled state (what an ``array.array``, a
+  masked array, a numpy scalar or a ``datetime`` reduces to), dict keys and
+  set members: always the original type, copied out of the arena, because
+  their reconstructor or their hash needs it (:class:`StateBytesHandler`;
+  :mod:`torch_arena._ownership` tells the two apart).
 * numpy arrays: a view on the pool, a private copy on the ring; any dtype
   numpy can describe without Python objects (structured dtypes keep their
   fields), Fortran order kept, other layouts made C-contiguous.
@@ -72,7 +80,9 @@ class BytesHandler:
     def matches(self, obj: object, threshold: int) -> bool:
         if isinstance(obj, memoryview):
             return True  # pickle cannot inline a memoryview: it always travels in the arena
-        return isinstance(obj, (bytes, bytearray)) and len(obj) >= threshold
+        # Exact types: a subclass (numpy.bytes_, a user's) reduces to its class
+        # and plain bytes, which then travel as another object's state.
+        return type(obj) in (bytes, bytearray) and len(obj) >= threshold  # type: ignore[arg-type]
 
     def get_buffer(self, obj: Any) -> tuple[Any, Any]:
         if isinstance(obj, memoryview):
@@ -94,6 +104,28 @@ class BytesHandler:
             except (TypeError, ValueError):
                 return view
         return view
+
+
+class StateBytesHandler(BytesHandler):
+    """bytes that another object's reconstructor (or a hash) needs as such.
+
+    Never chosen by :func:`handler_for`: the codec hands it the bytes-likes it
+    finds inside other objects' pickled state. They still travel through the
+    arena (no copy into the pickle stream, none through the worker queue) and
+    come back as their own type, which costs one copy out of the arena: a
+    ``bytes`` object cannot point into shared memory.
+    """
+
+    kind = "state-bytes"
+
+    def matches(self, obj: object, threshold: int) -> bool:
+        return False
+
+    def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
+        original = meta[0]
+        if original is bytes or original is bytearray:
+            return original(_uint8(buf))
+        return super().from_buffer(buf, meta, zero_copy)  # a memoryview stays one
 
 
 class NumpyHandler:
@@ -233,9 +265,11 @@ class PacketsHandler:
         return meta.deserialize(bytes(buf))
 
 
-_BUILTIN: tuple[Any, ...] = (StorageHandler(), NumpyHandler(), BytesHandler(), PacketsHandler())
+BYTES = BytesHandler()
+STATE_BYTES = StateBytesHandler()
+_BUILTIN: tuple[Any, ...] = (StorageHandler(), NumpyHandler(), BYTES, PacketsHandler())
 _user_handlers: list[Any] = []
-_by_kind: dict[str, Any] = {h.kind: h for h in _BUILTIN}
+_by_kind: dict[str, Any] = {h.kind: h for h in (*_BUILTIN, STATE_BYTES)}
 _order: tuple[Any, ...] = _BUILTIN
 
 
@@ -262,7 +296,7 @@ def unregister_handler(kind: str) -> None:
     """Remove the user handler registered under ``kind`` (built-ins stay)."""
     global _order
     handler = _by_kind.get(kind)
-    if handler is None or handler in _BUILTIN:
+    if handler is None or handler in _BUILTIN or handler is STATE_BYTES:
         raise ValueError(f"no user payload handler of kind {kind!r} is registered")
     _user_handlers.remove(handler)
     del _by_kind[kind]
@@ -286,3 +320,8 @@ def handler_of_kind(kind: str) -> Any:
             f"the envelope needs a payload handler of kind {kind!r}, which is not registered "
             "in this process; call torch_arena.register_handler() here too (at import time)"
         ) from None
+
+
+def is_builtin(handler: Any) -> bool:
+    """Whether ``handler`` is one of torch_arena's own (whose failures mean a bad reference)."""
+    return handler in _BUILTIN or handler is STATE_BYTES

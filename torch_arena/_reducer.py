@@ -87,7 +87,7 @@ def _try_offload(obj: Any) -> Any:
         writer.abort_unit()
         _log.debug("torch_arena reducer fell back to torch's path: %s", exc)
         return None
-    return (_receive, (writer.token, pack_envelope(writer.token, span, body), nbytes))
+    return (_receive, (writer.token, pack_envelope(writer.token, span, body, installed.threshold), nbytes))
 
 
 def _reduce_storage(storage: Any) -> Any:

@@ -186,7 +186,7 @@ class ArenaCollate:
             writer.reset()
             raise
         self._next_timeout = self.timeout
-        return ArenaBatch(token, pack_envelope(token, span, body), nbytes, writer.last_wait_seconds)
+        return ArenaBatch(token, pack_envelope(token, span, body, self.threshold), nbytes, writer.last_wait_seconds)
 
     def _advice(self, exc: BaseException, need: int) -> str:
         """What to change, in the loader's own terms where the loader made the arena."""

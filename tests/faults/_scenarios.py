@@ -209,7 +209,8 @@ def _run_with_raise(arena, where: str) -> dict:
         except SampleError as exc:
             errors.append({"type": type(exc).__name__, "message": str(exc)})
     _finish(it)
-    return {"errors": errors, "seen": seen}
+    stats = loader.arena_stats
+    return {"errors": errors, "seen": seen, "arena_batches": stats.batches, "fallbacks": stats.fallbacks}
 
 
 def worker_raises(kind: str, where: str) -> None:

@@ -112,6 +112,9 @@ def run_scenario(
         *args,
     ]
     private = private_shm and private_shm_reason() is None
+    if private_shm and not private and os.environ.get("TORCH_ARENA_REQUIRE_ALL") == "1":
+        # make test: the leak check below must see a private /dev/shm, not pass blind
+        pytest.fail(f"{name} needs a private 64 MiB /dev/shm for its leak check: {private_shm_reason()}")
     if private:
         cmd = [
             "unshare",

@@ -60,4 +60,7 @@ def test_worker_raises_like_stock(scenario, kind, where):
         assert errors[0]["message"].startswith("Caught SampleError in DataLoader worker process")
         assert errors[0]["message"].rstrip().endswith(f"SampleError: {original}")
     assert arena["seen"] == stock["seen"] == [i for i in range(32) if not 12 <= i < 16]
+    # the 7 good batches really crossed through the arena (not stock torch's path)
+    assert (arena["arena_batches"], arena["fallbacks"]) == (7, 0), arena
+    assert stock["arena_batches"] == 0
     assert report.result["after"]["units_in_use"] == 0, "the failed unit was not returned"

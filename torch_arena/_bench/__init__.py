@@ -165,7 +165,7 @@ def cli(
         item_sleep_ms=args.item_sleep_ms,
         **fields,
     )
-    print(f"{len(configs)} configurations, each in a fresh process; {machine_line()}", flush=True)
+    print(f"{len(configs)} configurations, each in a fresh process; {machine_line(configs)}", flush=True)
     results = run_matrix(
         configs,
         pss_interval=args.pss_interval,

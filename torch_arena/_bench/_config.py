@@ -20,7 +20,6 @@ PREFETCH = 2
 _UNIT_SLACK = 64 << 10
 #: Length of the (virtual) datasets: iteration stops after the timed windows.
 _ENDLESS = 1 << 40
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 
@@ -99,6 +98,10 @@ class Result:
     wall_s: float = 0.0
     noise_pct: float = float("nan")
     """CPU other processes used meanwhile, % of the machine (see :func:`run_config`)."""
+    workers: int = 0
+    """Worker processes (threads, for SPDL) the run used."""
+    start_method: str = ""
+    """How the run started its workers (``fork``, ``spawn``, ``forkserver``; ``threads``)."""
     skipped: str = ""
 
     @property

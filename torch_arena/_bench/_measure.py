@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
+import multiprocessing
 import math
 import os
 import resource
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ._config import _ENDLESS, _T95, _UNIT_SLACK, DATASET_ONLY, PREFETCH, SPDL, Config
+from ._config import _ENDLESS, _UNIT_SLACK, DATASET_ONLY, PREFETCH, SPDL, Config
 from ._payloads import (
     PayloadDataset,
     base_kind,
@@ -290,9 +292,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def t95(n: int) -> float:
-    """Two-sided 95 % Student's t quantile for ``n`` samples."""
-    return _T95.get(n - 1, 1.96) if n > 1 else 0.0
+    """Two-sided 95 % Student's t quantile for ``n`` samples (``n - 1`` degrees of
+    freedom), for any ``n``: the density integrated (Simpson) and inverted by bisection."""
+    if n < 2:
+        return 0.0
+    df = n - 1
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def area(x: float, steps: int = 2000) -> float:  # P(0 <= T <= x)
+        h = x / steps
+        total = 0.0
+        for i in range(steps + 1):
+            weight = 1 if i in (0, steps) else 4 if i % 2 else 2
+            total += weight * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2)
+        return scale * total * h / 3
+
+    lo, hi = 0.0, 64.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if area(mid) < 0.475 else (lo, mid)
+    return (lo + hi) / 2
 
 
 def measure(cfg: Config) -> dict[str, Any]:
@@ -316,6 +337,7 @@ def measure(cfg: Config) -> dict[str, Any]:
     ended = time.time()
     out.pop("pids")
     out.update(batch_bytes=batch_bytes, memcpy=memcpy, memcpy_shared=memcpy_shared, began=began, ended=ended)
+    out["start_method"] = "threads" if cfg.transport == SPDL else multiprocessing.get_start_method()
     return out
 
 

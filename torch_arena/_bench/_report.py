@@ -8,6 +8,7 @@ import math
 import os
 import statistics
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,8 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(
             f"memcpy (np.copyto into pre-faulted memory, measured in every config): median "
             f"{statistics.median(alone):.1f} GB/s alone (range {min(alone):.1f}-{max(alone):.1f}), "
-            f"{statistics.median(shared):.1f} GB/s per core while {WORKERS} cores copy at once"
+            f"{statistics.median(shared):.1f} GB/s per core while "
+            f"{min(max(r.workers for r in measured) or WORKERS, os.cpu_count() or 1)} cores copy at once"
         )
     lines.append(
         "per batch: main = main-process CPU (all threads); wrk = CPU of all worker processes; "
@@ -228,8 +230,22 @@ def plot(results: Sequence[Result], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def machine_line() -> str:
-    """Cores, CPU model and library versions, for the report."""
+def _runs_line(runs: Sequence[Any]) -> str:
+    """``2 workers, start method fork``: what the runs (results or configs) used."""
+    workers = sorted({r.workers for r in runs if getattr(r, "workers", 0)})
+    methods = sorted({m for r in runs if (m := getattr(r, "start_method", ""))})
+    parts = []
+    if workers:
+        count = f"{workers[0]}" if len(workers) == 1 else f"{workers[0]}-{workers[-1]}"
+        parts.append(f"{count} worker{'s' if workers[-1] != 1 else ''}")
+    if methods:
+        parts.append(f"start method {'/'.join(methods)}")
+    return ", ".join(parts)
+
+
+def machine_line(runs: Sequence[Any] = ()) -> str:
+    """Cores, CPU model and library versions, and the workers and start method
+    ``runs`` (results or configs) used, for the report."""
     import platform
 
     import torch
@@ -240,10 +256,12 @@ def machine_line() -> str:
             model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     except OSError:
         pass
-    return (
+    line = (
         f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, "
-        f"torch {torch.__version__}, numpy {np.__version__}, {WORKERS} workers, start method fork"
+        f"torch {torch.__version__}, numpy {np.__version__}"
     )
+    runs_line = _runs_line(runs)
+    return f"{line}, {runs_line}" if runs_line else line
 
 
 def report(
@@ -257,14 +275,14 @@ def report(
     """Write ``<name>.csv``, ``<name>.png`` and ``<name>.txt`` under ``out_dir``;
     return the text (machine, table, targets, notes)."""
     os.makedirs(out_dir, exist_ok=True)
-    parts = [machine_line(), table(results)]
+    parts = [machine_line(results), table(results)]
     if targets:
         parts.append(format_targets(check_targets(results)))
     text = "\n".join([*parts, *notes])
     write_csv(results, os.path.join(out_dir, f"{name}.csv"))
     with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
         f.write(text + "\n")
-    plot(results, os.path.join(out_dir, f"{name}.png"), title=machine_line())
+    plot(results, os.path.join(out_dir, f"{name}.png"), title=machine_line(results))
     return text
 
 

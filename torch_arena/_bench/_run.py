@@ -194,6 +194,8 @@ def summarize(cfg: Config, raw: dict[str, Any], peak_pss_mb: float, wall_s: floa
         touch_ms=raw["touch_cpu"] / batches * 1e3,
         step_ms=cfg.step_ms,
         wall_s=wall_s,
+        workers=cfg.workers,
+        start_method=raw.get("start_method", ""),
     )
 
 
