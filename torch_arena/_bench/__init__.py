@@ -15,7 +15,7 @@ One *configuration* is a payload kind, a batch size in bytes and a transport:
   of *making* the payload, subtracted from the workers' CPU to get the cost of
   *moving* it.
 
-Every configuration runs in a fresh interpreter (``_measure._child``) started by
+Every configuration runs in a fresh interpreter (``_run.run_child``) started by
 :func:`run_config`; the parent samples the memory of that process tree
 meanwhile, so the sampler's own CPU is not charged to the configuration.
 In the child:
