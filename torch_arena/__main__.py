@@ -16,7 +16,11 @@ def main(argv: "list[str] | None" = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="quick stock vs ring vs pool comparison on synthetic data", add_help=False)
-    sub.add_parser("bench", help="the full A/B transport benchmark (table, CSV, PNG)", add_help=False)
+    sub.add_parser(
+        "bench",
+        help="the A/B transport benchmark (table, CSV, PNG); 'bench sizing' / 'bench pipeline': the sizing benchmark",
+        add_help=False,
+    )
     sub.add_parser("doctor", help="platform facts that matter and recommended arena sizes", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":

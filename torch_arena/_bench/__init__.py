@@ -15,7 +15,7 @@ One *configuration* is a payload kind, a batch size in bytes and a transport:
   of *making* the payload, subtracted from the workers' CPU to get the cost of
   *moving* it.
 
-Every configuration runs in a fresh interpreter (``_measure._child``) started by
+Every configuration runs in a fresh interpreter (``_run.run_child``) started by
 :func:`run_config`; the parent samples the memory of that process tree
 meanwhile, so the sampler's own CPU is not charged to the configuration.
 In the child:
@@ -106,7 +106,13 @@ FULL: dict[str, Any] = {
 
 def parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Command-line flags shared by the benchmark entry points."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    modes = "\n".join(f"  {prog} {mode} [--help]: {what}" for mode, what in MODES.items())
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"other benchmarks:\n{modes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
     p.add_argument("--quick", action="store_true", help="a short matrix (32 MiB, shorter windows)")
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=None)
@@ -179,8 +185,23 @@ def cli(
     return results, args
 
 
+#: Sub-modes of ``python -m torch_arena bench``, besides the default A/B matrix.
+MODES = {
+    "sizing": "the sizing benchmark: stock vs fixed pool vs elastic pool, batch sizes 64 KiB-600 MiB, "
+    "start-up, keeping batches, shrinking working sets, and the JPEG pipeline",
+    "pipeline": "only the real input pipeline (JPEG decode, crop, flip; float32 and uint8) of the sizing benchmark",
+}
+
+
 def main(argv: list[str] | None = None, *, prog: str = "python -m torch_arena bench") -> int:
-    """The full A/B transport benchmark: table on stdout, CSV and PNG in ``--out``."""
+    """The full A/B transport benchmark: table on stdout, CSV and PNG in ``--out``;
+    ``bench sizing [...]`` / ``bench pipeline [...]`` run the sizing benchmark
+    (:mod:`torch_arena._bench._sizing_run`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MODES:
+        from ._sizing_run import main as sizing_main
+
+        return sizing_main(argv[1:], prog=f"{prog} {argv[0]}", name=argv[0])
     results, _ = cli(
         argv,
         prog=prog,

@@ -10,7 +10,6 @@ import math
 import os
 import resource
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -339,12 +338,3 @@ def measure(cfg: Config) -> dict[str, Any]:
     out.update(batch_bytes=batch_bytes, memcpy=memcpy, memcpy_shared=memcpy_shared, began=began, ended=ended)
     out["start_method"] = "threads" if cfg.transport == SPDL else multiprocessing.get_start_method()
     return out
-
-
-def _child(cfg_json: str) -> int:
-    """Entry point of a configuration's process: one JSON line on stdout."""
-    cfg = Config(**json.loads(cfg_json))
-    out = measure(cfg)
-    sys.stdout.write("\nRESULT " + json.dumps(out) + "\n")
-    sys.stdout.flush()
-    return 0

@@ -117,45 +117,70 @@ def _machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def run_config(cfg: Config, *, pss_interval: float = 0.1, timeout: float = 600.0) -> Result:
-    """Run ``cfg`` in a fresh interpreter and summarize what it measured.
+def run_child(
+    entry: str, payload: dict[str, Any], *, pss_interval: float = 0.1, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Run ``entry`` (``"module:function"``, called with ``payload`` and returning
+    a JSON-able dict with ``began``/``ended`` wall-clock times) in a fresh
+    interpreter, sampling the memory of its process tree meanwhile.
 
-    ``noise_pct`` of the result: CPU that processes outside this benchmark used
-    while it ran (busy time from ``/proc/stat`` minus this process and the
-    configuration's process tree), as a percentage of all cores.
+    Returns ``{"raw": dict | None, "skipped": why or "", "peak_pss_mb",
+    "wall_s", "noise_pct"}``. ``noise_pct``: CPU that processes outside this
+    benchmark used while it ran (busy time from ``/proc/stat`` minus this
+    process and the child's process tree), as a percentage of all cores.
     """
     busy0, self0, tree0 = _machine_busy(), _cpu_self(), _cpu_children()
+    module, _, function = entry.partition(":")
     cmd = [
         sys.executable,
         "-c",
-        "import sys; from torch_arena._bench._measure import _child; sys.exit(_child(sys.argv[1]))",
-        json.dumps(dataclasses.asdict(cfg)),
+        f"import sys, json; from {module} import {function} as f; "
+        "out = f(json.loads(sys.argv[1])); "
+        "sys.stdout.write(chr(10) + 'RESULT ' + json.dumps(out) + chr(10)); sys.stdout.flush()",
+        json.dumps(payload),
     ]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     sampler = _PssSampler(proc.pid, pss_interval)
+    out: dict[str, Any] = {"raw": None, "skipped": "", "peak_pss_mb": float("nan"), "noise_pct": float("nan")}
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         sampler.peak_mb(0, 0)
-        return Result(cfg.kind, cfg.size_mib, cfg.transport, skipped=f"timed out after {timeout:.0f} s")
+        return {**out, "skipped": f"timed out after {timeout:.0f} s", "wall_s": time.monotonic() - started}
     except BaseException:  # e.g. Ctrl-C: take the configuration's processes along
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
+    out["wall_s"] = time.monotonic() - started
     line = next((ln for ln in reversed(stdout.splitlines()) if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         sampler.peak_mb(0, 0)
         tail = (stderr.strip().splitlines() or ["no output"])[-1]
-        return Result(cfg.kind, cfg.size_mib, cfg.transport, skipped=f"failed (rc {proc.returncode}): {tail}")
+        return {**out, "skipped": f"failed (rc {proc.returncode}): {tail}"}
     raw = json.loads(line[len("RESULT ") :])
-    peak = sampler.peak_mb(raw["began"], raw["ended"])
-    wall = time.monotonic() - started
-    result = summarize(cfg, raw, peak, wall)
+    out["raw"], out["peak_pss_mb"] = raw, sampler.peak_mb(raw["began"], raw["ended"])
     foreign = (_machine_busy() - busy0) - (_cpu_self() - self0) - (_cpu_children() - tree0)
-    result.noise_pct = max(0.0, 100 * foreign / (wall * (os.cpu_count() or 1)))
+    out["noise_pct"] = max(0.0, 100 * foreign / (out["wall_s"] * (os.cpu_count() or 1)))
+    return out
+
+
+def _measure_json(cfg_json: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run_child` entry of one A/B configuration."""
+    from ._measure import measure
+
+    return measure(Config(**cfg_json))
+
+
+def run_config(cfg: Config, *, pss_interval: float = 0.1, timeout: float = 600.0) -> Result:
+    """Run ``cfg`` in a fresh interpreter (:func:`run_child`) and summarize what it measured."""
+    child = run_child(f"{__name__}:_measure_json", dataclasses.asdict(cfg), pss_interval=pss_interval, timeout=timeout)
+    if child["raw"] is None:
+        return Result(cfg.kind, cfg.size_mib, cfg.transport, skipped=child["skipped"])
+    result = summarize(cfg, child["raw"], child["peak_pss_mb"], child["wall_s"])
+    result.noise_pct = child["noise_pct"]
     return result
 
 

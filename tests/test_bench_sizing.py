@@ -1,0 +1,106 @@
+"""Smoke test of the sizing and pipeline benchmarks at a tiny size: the result
+structure and the invariants that hold whatever the timing (no speed asserted)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("psutil")
+pytestmark = pytest.mark.filterwarnings("ignore::torch_arena.ArenaFallbackWarning")  # the fixed pool falls back
+
+from torch_arena._bench import _pipeline, _sizing, _sizing_report, _sizing_run
+
+MiB = 1 << 20
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def matrix():
+    rows = _sizing_run.run_matrix([1 / 16, 2.0], windows=2, progress=_quiet)
+    return {(r["size"], r["transport"]): r for r in rows}
+
+
+@pytest.mark.parametrize("size", ["64 KiB", "2 MiB"])
+@pytest.mark.parametrize("transport", _sizing.TRANSPORTS)
+def test_matrix_rows_are_sane(matrix, size, transport):
+    r = matrix[(size, transport)]
+    assert not r["skipped"], r["skipped"]
+    assert r["batches"] >= 4 and r["mb_per_s"] > 0 and r["mb_per_s_ci"] >= 0
+    assert r["main_cpu_ms"] > 0 and r["worker_cpu_ms"] > 0
+    assert r["first_cpu_ms"] > 0 and r["first_wall_ms"] > 0
+    assert r["fallbacks"] == 0  # every batch fits even the fixed pool's 64 MiB segments
+    if transport == "stock":
+        assert math.isnan(r["committed_peak_mib"])
+        return
+    # Committed memory holds at least the bytes in flight + held at their peak.
+    assert r["held_peak_mib"] > 0
+    assert r["committed_peak_mib"] >= r["held_peak_mib"]
+    if transport == "fixed":
+        assert r["committed_peak_mib"] == _sizing.FIXED_COUNT * _sizing.FIXED_SEGMENT / MiB
+
+
+def test_elastic_commits_what_it_holds(matrix):
+    for size in ("64 KiB", "2 MiB"):
+        r = matrix[(size, "elastic")]
+        assert r["committed_x_limit"] <= 1.0, r  # a page-granular sizing, not 6 x 64 MiB
+        assert r["committed_peak_mib"] < matrix[(size, "fixed")]["committed_peak_mib"]
+
+
+def test_epoch_scenarios():
+    for transport in ("fixed", "elastic"):
+        keep = _sizing.measure_epoch({"case": "keep32", "transport": transport, "keep": True})
+        assert keep["batches"] == 24 and keep["bytes"] == 24 * 32 * MiB
+        assert keep["committed_high_water"] >= keep["bytes_high_water"] > 0
+        if transport == "elastic":  # every kept batch stays in the arena
+            assert keep["fallbacks"] == 0
+            assert keep["bytes_high_water"] == 24 * 32 * MiB
+        else:  # six segments: the rest wait and fall back
+            assert keep["fallbacks"] >= 24 - _sizing.FIXED_COUNT
+    shrink = _sizing.measure_epochs(
+        {"case": "shrink", "transport": "elastic", "big_batches": 6, "small_batches": 40, "small_epochs": 2}
+    )
+    epochs = shrink["epochs"]
+    assert [e["batches"] for e in epochs] == [6, 40, 40]
+    assert epochs[0]["committed_high_water"] >= 128 * MiB
+    assert all(e["fallbacks"] == 0 for e in epochs)
+    assert epochs[-1]["committed_after"] <= epochs[0]["committed_high_water"]
+
+
+def test_padded_sequences_are_padded():
+    ds = _sizing.PaddedSequenceDataset(4)
+    item = ds[3]
+    lengths = item["lengths"]
+    assert item["x"].shape == (_sizing.VAR_BATCH, int(lengths.max()), _sizing.VAR_FEATURES)
+    short = int(lengths.argmin())
+    assert float(item["x"][short, int(lengths[short]) :].abs().sum()) == 0.0
+    assert _sizing.PaddedSequenceDataset.batch_bytes(3) == item["x"].numel() * 4
+
+
+def test_pipeline_and_report(tmp_path):
+    pytest.importorskip("PIL")
+    pytest.importorskip("matplotlib")
+    paths = _pipeline.make_jpegs(str(tmp_path / "jpegs"), count=8)
+    sample = _pipeline.JpegDataset(paths, "float32", 8)[5]
+    assert tuple(sample.shape) == (3, 224, 224) and str(sample.dtype) == "torch.float32"
+    assert str(_pipeline.JpegDataset(paths, "uint8", 8)[5].dtype) == "torch.uint8"
+    rows = [
+        _pipeline.measure_pipeline(
+            {"pipeline": "uint8", "transport": t, "paths": paths, "batches": 2, "warmup": 1}
+        )
+        for t in ("stock", "elastic")
+    ]
+    by = {r["transport"]: r for r in rows}
+    assert by["elastic"]["fallbacks"] == 0 and by["elastic"]["arena_batches"] >= 3
+    assert by["stock"]["arena_batches"] == 0
+    for r in rows:
+        assert r["steps_per_s"] > 0 and r["main_cpu_ms"] >= r["step_ms"] > 0 and r["worker_cpu_ms"] > 0
+    text, complete = _sizing_report.report({"pipeline": rows}, str(tmp_path), "smoke")
+    assert complete and "targets:" in text and "pipeline uint8" in text
+    for suffix in ("txt", "png", "_pipeline.csv"):
+        name = f"smoke{suffix}" if suffix.startswith("_") else f"smoke.{suffix}"
+        assert (tmp_path / name).stat().st_size > 0
