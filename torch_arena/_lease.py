@@ -110,7 +110,7 @@ def flush() -> None:
     with an arena lock held.
     """
     reaper = _reaper
-    if reaper.entries or not reaper.queue.empty():
+    if reaper.thread is not None:
         # The thread takes a reference off the queue before it holds the drain
         # lock: the scan counts such a one here. One it has counted, it holds
         # the lock for until its release is done: waiting for the lock waits
