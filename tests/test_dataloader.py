@@ -257,7 +257,7 @@ def test_oversize_batch_falls_back_with_one_warning():
 def test_oversize_batch_raises_when_asked():
     loader = ta.ArenaDataLoader(Samples(), batch_size=8, num_workers=2, arena="ring",
                                 arena_budget=128 << 10, arena_overflow="raise")
-    with pytest.raises(BufferError, match=r"does not fit a ring of 128\.0 KiB.*arena_budget >="):
+    with pytest.raises(BufferError, match=r"does not fit a ring capped at 128\.0 KiB.*arena_budget >="):
         next(iter(loader))
 
 

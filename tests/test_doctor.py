@@ -57,7 +57,7 @@ def test_plain_report_names_every_fact():
         "SharedMemorySegmentPool(segment_size=",
         "ArenaDataLoader(..., arena='pool')  # elastic pool, no size to give",
         "SharedMemoryRingBuffer(capacity=",
-        "arena_budget=",
+        "ArenaDataLoader(..., arena='ring')  # elastic too",
     ):
         assert needle in out, (needle, out)
 
@@ -97,18 +97,19 @@ def test_recommendation_arithmetic(report_json):
 
 
 def test_recommended_sizes_fit_the_batch_in_every_backend():
-    """The fixed pool of the recommended segments and the loader's ring of the
-    recommended budget each take a batch of the stated size; the loader's
-    default pool needs no size and commits about what the report says."""
+    """The fixed pool of the recommended segments and the fixed ring of the
+    recommended capacity each take a batch of the stated size; the loader's
+    pool and ring need no size, and the pool commits about what the report says."""
     batch_bytes = 300_000
     rec = recommend(batch_bytes, 2, 2)
     batch = {"x": torch.ones(batch_bytes // 2 // 4), "y": np.ones(batch_bytes // 2, dtype=np.uint8)}
     arenas = [
         ta.SharedMemorySegmentPool(rec["segment_size"], rec["count"]),
-        make_arena("ring", rec["arena_budget"], rec["slots"], 0.0),
+        ta.SharedMemoryRingBuffer(rec["ring_capacity"]),
         make_arena("pool", None, rec["slots"], 0.0),
+        make_arena("ring", None, rec["slots"], 0.0),
     ]
-    assert arenas[1].capacity == rec["ring_capacity"]
+    assert isinstance(arenas[3], ta.SharedMemoryElasticRing)
     assert isinstance(arenas[2], ta.SharedMemoryElasticPool)
     # half the memory available, read a moment apart on a machine others use
     assert abs(arenas[2].max_bytes - rec["pool_default_cap"]) <= rec["pool_default_cap"] // 4
@@ -117,7 +118,7 @@ def test_recommended_sizes_fit_the_batch_in_every_backend():
             writer, reader = arena.open_writer(), arena.open_reader()
             kept = [ta.restore(ta.offload(batch, writer), reader) for _ in range(rec["slots"])]
             assert all(torch.equal(k["x"], batch["x"]) for k in kept)
-        usage = arenas[2].usage()
+        usage = arenas[2].usage()  # the loader's pool
         assert usage["committed_bytes"] <= rec["pool_committed_bound"]
         assert usage["bytes_high_water"] <= rec["pool_peak_bytes"] + rec["slots"] * PAGE_SIZE
     finally:

@@ -9,7 +9,7 @@ unpickling or mapping fresh memory for every batch.
 from ._base import ArenaSpaceTimeout
 from ._codec import DEFAULT_THRESHOLD, RestoreError, offload, restore
 from ._dataloader import ArenaDataLoader
-from ._elastic import SharedMemoryElasticPool
+from ._elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
 from ._handlers import PayloadHandler, register_handler, unregister_handler
 from ._pool import SharedMemorySegmentPool
 from ._reducer import arena_reducer
@@ -30,6 +30,7 @@ __all__ = [
     "install_reducer",
     "uninstall_reducer",
     "SharedMemoryElasticPool",
+    "SharedMemoryElasticRing",
     "SharedMemoryRingBuffer",
     "SharedMemorySegmentPool",
     "offload",

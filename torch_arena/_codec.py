@@ -213,7 +213,12 @@ class _Restoring:
         if restored is None:
             view = self._unit.view(offset, nbytes)
             zero_copy = self._unit.zero_copy
-            if not zero_copy and not getattr(handler, "copies_out", False):
+            private_copy = getattr(self._unit, "private_copy", None)
+            if not zero_copy and private_copy is not None and _handlers.restores_into_private(handler, meta):
+                # Copy-out into recycled private memory; the handler then wraps it
+                # as it would a zero-copy view (it is private, and stays valid).
+                view, zero_copy = private_copy(view), True
+            elif not zero_copy and not getattr(handler, "copies_out", False):
                 view = memoryview(bytearray(view))  # user handlers get a private copy
             restored = self._from_buffer(handler, view, meta, zero_copy, offset, nbytes)
             if key is not None:

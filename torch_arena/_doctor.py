@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from ._memory import PAGE_SIZE, available_memory, create_memory_file, format_bytes
 from ._elastic import default_max_bytes
-from ._session import DEFAULT_BATCH_ROOM, HELD_BATCHES, arena_slots
+from ._session import HELD_BATCHES, arena_slots
 
 __all__ = ["collect_facts", "main", "recommend"]
 
@@ -113,8 +113,8 @@ def recommend(batch_bytes: int, num_workers: int, prefetch_factor: int, pin_memo
     will commit at peak (``pool_peak_bytes``, at most ``pool_committed_bound``)
     against its default cap. For a fixed :class:`SharedMemorySegmentPool` a
     segment is the batch plus :data:`ALIGNMENT_ROOM`, rounded up to a page, one
-    per slot; the ring and ``arena_budget`` for ``arena="ring"`` are one such
-    segment per slot.
+    per slot; a fixed :class:`SharedMemoryRingBuffer` of ``ring_capacity``
+    (``arena_budget``) is one such segment per slot.
     """
     slots = arena_slots(num_workers, prefetch_factor, pin_memory)
     segment = -(-(batch_bytes + ALIGNMENT_ROOM) // PAGE_SIZE) * PAGE_SIZE
@@ -161,9 +161,8 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
          f"{format_bytes(rec['pool_committed_bound'])}), capped at {format_bytes(rec['pool_default_cap'])}"),
         (f"  fixed pool        SharedMemorySegmentPool(segment_size={rec['segment_size']}, count={rec['count']})"
          f"  # {format_bytes(rec['segment_size'])} each, all reserved up front"),
-        f"  ring              SharedMemoryRingBuffer(capacity={rec['ring_capacity']})",
-        (f"  loader ring       ArenaDataLoader(..., arena='ring', arena_budget={budget})"
-         f"  # {format_bytes(budget)}"),
+        "  loader ring       ArenaDataLoader(..., arena='ring')  # elastic too, private copies; no size",
+        f"  fixed ring        SharedMemoryRingBuffer(capacity={rec['ring_capacity']})  # {format_bytes(budget)}",
     ]
     warnings = []
     available = f["arena_available"]
@@ -185,10 +184,6 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
         warnings.append(f"the batches in flight need up to {format_bytes(rec['pool_committed_bound'])}, more "
                         f"than the elastic pool's default cap of {format_bytes(rec['pool_default_cap'])}: "
                         f"pass arena_budget={rec['pool_committed_bound']} (workers wait for space at the cap)")
-    if args.batch_bytes > DEFAULT_BATCH_ROOM:
-        warnings.append(f"without arena_budget a loader's ring gives each slot {format_bytes(DEFAULT_BATCH_ROOM)}: "
-                        "with arena='ring' pass the arena_budget above, or larger batches fall back to "
-                        "torch's transport (arena='pool' sizes itself)")
     lines += (["warnings"] + [f"  - {w}" for w in warnings]) if warnings else ["no warnings"]
     return lines
 
@@ -196,7 +191,7 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m torch_arena doctor``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m torch_arena doctor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-bytes", type=int, default=DEFAULT_BATCH_ROOM, help="largest batch (default 64 MiB)")
+    parser.add_argument("--batch-bytes", type=int, default=64 << 20, help="largest batch (default 64 MiB)")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader num_workers (default 2)")
     parser.add_argument("--prefetch-factor", type=int, default=2, help="DataLoader prefetch_factor (default 2)")
     parser.add_argument("--pin-memory", action="store_true", help="the loader uses pin_memory=True")

@@ -51,14 +51,14 @@ from ._base import (
     align_up,
     check_timeout,
 )
-from ._elastic_unit import ElasticReader
+from ._elastic_unit import ElasticCopyReader, ElasticReader
 from ._elastic_writer import ElasticWriter
 from ._extents import STATE_NAMES, TRIM, WARM, ExtentTable
 from ._lease import flush as flush_leases
 from ._memory import PAGE_SIZE, available_memory, committed_bytes, parse_bytes
 from ._sync import current_pid, pid_alive
 
-__all__ = ["SharedMemoryElasticPool", "default_max_bytes"]
+__all__ = ["SharedMemoryElasticPool", "SharedMemoryElasticRing", "default_max_bytes"]
 
 _KIND_ELASTIC = 3
 MAX_UNITS = 4096
@@ -115,6 +115,7 @@ class SharedMemoryElasticPool(ArenaBase):
     """
 
     zero_copy = True
+    noun = "pool"
 
     def __init__(self, max_bytes: "int | float | str | None" = None, *, acquire_timeout: float = 60.0) -> None:
         cap = default_max_bytes() if max_bytes is None else parse_bytes(max_bytes, "max_bytes")
@@ -135,10 +136,10 @@ class SharedMemoryElasticPool(ArenaBase):
         _Tables(header).extents.initialise(vsize)
 
     def __repr__(self) -> str:
-        return f"SharedMemoryElasticPool(max_bytes={self.max_bytes}, acquire_timeout={self.acquire_timeout})"
+        return f"{type(self).__name__}(max_bytes={self.max_bytes}, acquire_timeout={self.acquire_timeout})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_elastic, (self.state, self.max_bytes, self.acquire_timeout))
+        return (_rebuild_elastic, (self.state, self.max_bytes, self.acquire_timeout, type(self)))
 
     @property
     def capacity(self) -> int:
@@ -347,8 +348,33 @@ def release_unit(state: ArenaState, header: np.ndarray, key: tuple[int, int]) ->
         _drop_unit(state, header, slot, punch=False)
 
 
-def _rebuild_elastic(state: ArenaState, max_bytes: int, timeout: float) -> SharedMemoryElasticPool:
-    pool = SharedMemoryElasticPool.__new__(SharedMemoryElasticPool)
+def _rebuild_elastic(state: ArenaState, max_bytes: int, timeout: float, cls: type = SharedMemoryElasticPool) -> Any:
+    pool = cls.__new__(cls)
     pool.max_bytes, pool.acquire_timeout = max_bytes, timeout
     pool._state = state
     return pool
+
+
+class SharedMemoryElasticRing(SharedMemoryElasticPool):
+    """The ring's semantics over the elastic pool's memory: nothing to size.
+
+    Every restore is a private copy (nothing in the consumer points into shared
+    memory, so batches the training loop keeps cost no arena space) into
+    recycled private memory (see :mod:`torch_arena._private`), and a unit's
+    space is free again as soon as it is read. Memory grows with the batches up
+    to ``max_bytes`` and shrinks with them, as for
+    :class:`SharedMemoryElasticPool`; a writer blocks (up to
+    ``acquire_timeout``) at the cap. What ``ArenaDataLoader(arena="ring")``
+    uses; :class:`SharedMemoryRingBuffer` keeps SPDL's fixed, non-blocking ring.
+
+    Args:
+        max_bytes: Cap on committed memory (default: half of the memory available).
+        acquire_timeout: Seconds a producer waits for space at the cap.
+    """
+
+    zero_copy = False
+    noun = "ring"
+
+    def open_reader(self) -> ElasticCopyReader:
+        """The consumer endpoint (copy-out)."""
+        return ElasticCopyReader(self)

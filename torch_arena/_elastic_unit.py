@@ -1,6 +1,12 @@
 """The consumer side of the elastic pool: zero-copy units over their extents.
 
-A restored unit holds one *lease* per extent: a ``uint8`` array made straight
+Two readers share it. :class:`ElasticReader` gives the pool's zero-copy
+views. :class:`ElasticCopyReader` gives the ring's semantics over the same
+memory (:class:`~torch_arena.SharedMemoryElasticRing`): every binary is copied
+into recycled private memory (:mod:`torch_arena._private`) and the unit's
+extents are free again as soon as it is read.
+
+A restored zero-copy unit holds one *lease* per extent: a ``uint8`` array made straight
 from the mapping, from which every view the codec hands out is sliced, so the
 lease lives while any view does. When the unit is finished the leases (and
 whatever the codec pins) go to a :class:`~torch_arena._lease.LeaseTracker`;
@@ -18,9 +24,10 @@ import numpy as np
 from ._base import FILLED, HELD
 from ._lease import LeaseTracker
 from ._lease import flush as flush_leases
+from ._private import process_buffers
 from ._sync import current_pid
 
-__all__ = ["ElasticReader", "ElasticUnit"]
+__all__ = ["ElasticCopyReader", "ElasticReader", "ElasticUnit"]
 
 
 class ElasticUnit:
@@ -53,10 +60,28 @@ class ElasticUnit:
             self._tracker.hold(self.key, [*leases, *pinned])
 
 
+class ElasticCopyUnit(ElasticUnit):
+    """A unit restored by copying out: its views are valid until :meth:`finish`."""
+
+    zero_copy = False
+
+    @staticmethod
+    def private_copy(view: np.ndarray) -> np.ndarray:
+        """``view``'s bytes in a recycled private buffer (see :mod:`torch_arena._private`)."""
+        return process_buffers().copy_of(view)
+
+    def finish(self, pinned: "list[object] | tuple[object, ...]" = ()) -> None:
+        """The unit is read (its bytes copied out): its extents are free now."""
+        if self.leases is not None:
+            self.leases = None
+            self._tracker.hold(self.key, [])  # nothing to wait for: released at once
+
+
 class ElasticReader:
     """Consumer endpoint of a :class:`~torch_arena.SharedMemoryElasticPool`."""
 
     zero_copy = True
+    unit_class: type[ElasticUnit] = ElasticUnit
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
@@ -86,7 +111,7 @@ class ElasticReader:
                 )
             extents = tables.extents
             rows = extents.rows_of(slot)
-            unit = ElasticUnit(self, slot, gen, [(int(extents.start[r]), int(extents.length[r])) for r in rows])
+            unit = self.unit_class(self, slot, gen, [(int(extents.start[r]), int(extents.length[r])) for r in rows])
             # Until finish() hands the unit to its views, the unit object holds
             # it. Registered before the unit is marked: an interrupt in between
             # frees it when the object goes, instead of leaking it.
@@ -117,3 +142,15 @@ class ElasticReader:
         if unit is None:
             unit = self.open_unit(span)
         unit.finish(pinned)
+
+
+class ElasticCopyReader(ElasticReader):
+    """Consumer endpoint of a :class:`~torch_arena.SharedMemoryElasticRing`
+    (copy-out into recycled private memory)."""
+
+    zero_copy = False
+    unit_class = ElasticCopyUnit
+
+    def read_binary(self, offset: int, nbytes: int) -> memoryview:
+        """A private copy of one binary (SPDL's protocol)."""
+        return memoryview(process_buffers().copy_of(self._unit_holding(offset, nbytes).view(offset, nbytes)))

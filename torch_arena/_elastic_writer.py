@@ -76,7 +76,7 @@ class ElasticWriter(CopyingWriter):
             marked: list[tuple[int, int]] = []
             with state.locked() as header:
                 if state.shut_down:
-                    raise BufferError("SharedMemoryElasticPool was shut down while waiting for space")
+                    raise BufferError(f"{type(pool).__name__} was shut down while waiting for space")
                 result = attempt(header, pid)
                 if result is None and pool._reclaim_dead(header):
                     result = attempt(header, pid)
@@ -95,7 +95,7 @@ class ElasticWriter(CopyingWriter):
             if waited >= self._timeout:
                 self.last_wait_seconds += waited
                 raise ArenaSpaceTimeout(
-                    f"SharedMemoryElasticPool: no room for {what} after {waited:.1f} s: "
+                    f"{type(pool).__name__}: no room for {what} after {waited:.1f} s: "
                     f"{format_bytes(committed)} of its {format_bytes(cap)} cap (max_bytes) is "
                     f"committed to units in flight or held by restored views ({units} units). "
                     "Drop restored batches sooner, raise max_bytes, or raise acquire_timeout."
@@ -120,7 +120,7 @@ class ElasticWriter(CopyingWriter):
         if self._unit_bytes + align_up(nbytes, PAGE_SIZE) > pool.max_bytes:
             raise BufferError(
                 f"a unit of at least {format_bytes(self._unit_bytes + nbytes)} "
-                f"({self._unit_bytes + nbytes} bytes) does not fit a pool capped at "
+                f"({self._unit_bytes + nbytes} bytes) does not fit a {pool.noun} capped at "
                 f"{format_bytes(pool.max_bytes)} ({pool.max_bytes} bytes); raise max_bytes"
             )
         if self._unit_bytes + need > pool.max_bytes:

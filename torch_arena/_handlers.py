@@ -91,6 +91,11 @@ class BytesHandler:
             return src.cast("B") if src.ndim != 1 or src.format != "B" else src, meta
         return obj, (type(obj), "B", (len(obj),))
 
+    def into_private(self, meta: Any) -> bool:
+        """A memoryview can wrap a recycled private buffer; bytes and bytearray
+        own their memory, so a copy-out restore copies them anew."""
+        return meta[0] is memoryview
+
     def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
         original, fmt, shape = meta
         if not zero_copy and original is bytes:
@@ -146,6 +151,10 @@ class NumpyHandler:
             order, flat = "C", np.ascontiguousarray(obj).reshape(-1)
         return flat.view(np.uint8), (obj.dtype, obj.shape, order)
 
+    def into_private(self, meta: Any) -> bool:
+        """A copy-out restore can wrap a recycled private buffer (see _private)."""
+        return True
+
     def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
         dtype, shape, order = meta
         flat = _uint8(buf)
@@ -179,6 +188,10 @@ class StorageHandler:
             untyped, dtype = obj, None
         flat = torch.empty(0, dtype=torch.uint8).set_(untyped)
         return flat.numpy(), dtype
+
+    def into_private(self, meta: Any) -> bool:
+        """A copy-out restore can wrap a recycled private buffer (see _private)."""
+        return True
 
     def from_buffer(self, buf: Any, meta: Any, zero_copy: bool) -> object:
         flat = _uint8(buf)
@@ -309,6 +322,15 @@ def handler_for(obj: object, threshold: int) -> Any:
         if handler.matches(obj, threshold):
             return handler
     return None
+
+
+def restores_into_private(handler: Any, meta: Any) -> bool:
+    """Whether a copy-out restore of this object may live in a recycled private
+    buffer: numpy arrays, tensors and memoryviews may; ``bytes`` and
+    ``bytearray`` own their memory and are copied anew, as are packets and
+    objects of user handlers (which do not say ``into_private``)."""
+    into_private = getattr(handler, "into_private", None)
+    return into_private is not None and bool(into_private(meta))
 
 
 def handler_of_kind(kind: str) -> Any:

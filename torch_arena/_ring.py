@@ -40,6 +40,7 @@ from ._base import (
     check_timeout,
 )
 from ._memory import format_bytes
+from ._private import process_buffers
 from ._sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryRingBuffer"]
@@ -308,6 +309,11 @@ class RingUnit:
     """One unit being restored: views valid until :meth:`finish` (copy out first)."""
 
     zero_copy = False
+
+    @staticmethod
+    def private_copy(view: np.ndarray) -> np.ndarray:
+        """``view``'s bytes in a recycled private buffer (see :mod:`torch_arena._private`)."""
+        return process_buffers().copy_of(view)
 
     def __init__(self, ring: SharedMemoryRingBuffer, span: int, ranges: list[tuple[int, int]]) -> None:
         self._ring, self._state = ring, ring.state

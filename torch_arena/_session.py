@@ -19,16 +19,14 @@ import weakref
 from typing import Any
 
 from ._codec import restore
-from ._elastic import SharedMemoryElasticPool
-from ._memory import PAGE_SIZE, available_memory, format_bytes
+from ._elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
+from ._memory import format_bytes
 from ._pool import SharedMemorySegmentPool
 from ._ring import SharedMemoryRingBuffer
 from ._sync import current_pid, pid_alive
 
-__all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "default_budget", "make_arena"]
+__all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "make_arena"]
 
-#: Room for one batch in a default-sized ring.
-DEFAULT_BATCH_ROOM = 64 << 20
 #: Batches a training loop may hold beyond torch's prefetch window (the current
 #: and the previous batch while ``next()`` runs).
 HELD_BATCHES = 2
@@ -70,23 +68,13 @@ def arena_slots(num_workers: int, prefetch_factor: int, pin_memory: bool) -> int
     return num_workers * prefetch_factor + HELD_BATCHES + (1 if pin_memory else 0)
 
 
-def default_budget(slots: int) -> int:
-    """Bytes for a loader's ring: room for one batch per slot, within an
-    eighth of the memory available now."""
-    available, _ = available_memory()
-    budget = slots * DEFAULT_BATCH_ROOM
-    if available is not None:
-        budget = min(budget, max(available // 8, slots * PAGE_SIZE))
-    return budget
-
-
 def make_arena(kind: str, budget: int | None, slots: int, timeout: float) -> Any:
-    """The arena a loader makes: an elastic pool capped at ``budget`` (default:
-    half the memory available), or a ring of ``budget`` bytes (default:
-    :func:`default_budget`)."""
+    """The arena a loader makes: an elastic pool (``"pool"``: zero-copy) or an
+    elastic ring (``"ring"``: copy-out), capped at ``budget`` (default: half the
+    memory available). ``slots`` is kept for the signature's callers."""
     if kind == "pool":
         return SharedMemoryElasticPool(budget, acquire_timeout=timeout)
-    return SharedMemoryRingBuffer(budget or default_budget(slots), acquire_timeout=timeout)
+    return SharedMemoryElasticRing(budget, acquire_timeout=timeout)
 
 
 def warn_if_pool_too_small(arena: Any, slots: int) -> None:
@@ -236,7 +224,7 @@ def session_for(token: int) -> ArenaSession:
 def describe_arena(arena: Any) -> str:
     """A short description for messages."""
     if isinstance(arena, SharedMemoryElasticPool):
-        return f"an elastic pool capped at {format_bytes(arena.max_bytes)}"
+        return f"an elastic {arena.noun} capped at {format_bytes(arena.max_bytes)}"
     if isinstance(arena, SharedMemorySegmentPool):
         return f"a pool of {arena.count} segments of {format_bytes(arena.segment_size)}"
     if isinstance(arena, SharedMemoryRingBuffer):

@@ -1,0 +1,154 @@
+"""Recycled private memory for copy-out restores.
+
+A copy-out restore (the ring's semantics: nothing in the training process
+points into shared memory) costs what the destination costs. Freshly
+allocated memory faults in page by page as the copy first touches it: for
+32 MiB about four times a copy into memory touched before. So the training
+process keeps the buffers of restored batches that died and copies the next
+batch into one of them: a restore costs one warm copy.
+
+Each buffer is a private anonymous mapping (``MAP_PRIVATE``, not shared with
+any other process, not even a fork child after the fork). A restored object
+is a view of an *anchor*: a ``uint8`` array made straight from the mapping,
+which every view derived from it (slices, reshapes, ``torch.from_numpy``,
+memoryviews) keeps alive. The buffer is handed out again only once its
+anchor is dead; the weak reference's callback is ``deque.append``, a single
+C call. Free buffers above ``1.25 ×`` the recent peak of buffers in use
+``+ 16 MiB`` are unmapped, so a loader that once saw big batches does not
+keep their memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import mmap
+import threading
+import weakref
+
+import numpy as np
+
+from ._memory import PAGE_SIZE
+from ._sync import current_pid
+
+__all__ = ["PrivateBuffers", "size_class"]
+
+#: Buffers handed out per working-set window (the working set spans one or two).
+WINDOW = 16
+KEEP_NUM, KEEP_DEN, KEEP_SLACK = 5, 4, 16 << 20
+
+
+def size_class(nbytes: int) -> int:
+    """``nbytes`` rounded up to a page, then to a step of a quarter of its power
+    of two (at most 25 % larger), so buffers of similar sizes are reused."""
+    pages = -(-max(nbytes, 1) // PAGE_SIZE)
+    step = max(1, (1 << max(0, pages.bit_length() - 1)) // 4)
+    return -(-pages // step) * step * PAGE_SIZE
+
+
+class PrivateBuffers:
+    """One process's cache of private buffers for copy-out restores."""
+
+    def __init__(self) -> None:
+        self.pid = current_pid()
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+        self._busy: dict[int, tuple[weakref.ref, mmap.mmap]] = {}
+        self._returned: collections.deque[weakref.ref] = collections.deque()
+        self._busy_bytes = 0
+        self._free_bytes = 0
+        self._peak_cur = self._peak_prev = 0
+        self._taken = 0
+        self.fresh = 0
+        """Buffers mapped anew (each costs first-touch page faults)."""
+        self.reused = 0
+        """Buffers handed out again (each costs one warm copy)."""
+
+    def copy_of(self, src: np.ndarray) -> np.ndarray:
+        """A private ``uint8`` copy of ``src`` in a recycled buffer."""
+        dst = self.take(src.nbytes)
+        np.copyto(dst, src)
+        return dst
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A writable ``uint8`` array of ``nbytes`` that nobody else holds."""
+        with self._lock:
+            self._collect()
+            buf = self._best_fit(nbytes)
+            if buf is None:
+                buf = mmap.mmap(-1, size_class(nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                if hasattr(mmap, "MADV_HUGEPAGE"):
+                    try:
+                        buf.madvise(mmap.MADV_HUGEPAGE)
+                    except OSError:
+                        pass
+                self.fresh += 1
+            else:
+                self.reused += 1
+            anchor = np.frombuffer(buf, dtype=np.uint8, count=nbytes)
+            ref = weakref.ref(anchor, self._returned.append)
+            self._busy[id(ref)] = (ref, buf)
+            self._busy_bytes += len(buf)
+            self._note_working_set()
+        return anchor
+
+    def _best_fit(self, nbytes: int) -> mmap.mmap | None:
+        want = size_class(nbytes)
+        best = -1
+        for i, buf in enumerate(self._free):
+            size = len(buf)
+            if want <= size <= 2 * want and (best < 0 or size < len(self._free[best])):
+                best = i
+        if best < 0:
+            return None
+        buf = self._free.pop(best)
+        self._free_bytes -= len(buf)
+        return buf
+
+    def _collect(self) -> None:
+        """Buffers whose anchors died become free (lock held)."""
+        while self._returned:
+            ref = self._returned.popleft()
+            entry = self._busy.pop(id(ref), None)
+            if entry is not None and entry[0] is ref:
+                buf = entry[1]
+                self._busy_bytes -= len(buf)
+                self._free.append(buf)
+                self._free_bytes += len(buf)
+        self._trim()
+
+    def _note_working_set(self) -> None:
+        self._taken += 1
+        self._peak_cur = max(self._peak_cur, self._busy_bytes)
+        if self._taken >= WINDOW:
+            self._peak_prev, self._peak_cur, self._taken = self._peak_cur, self._busy_bytes, 0
+
+    def _trim(self) -> None:
+        keep = max(self._peak_prev, self._peak_cur) * KEEP_NUM // KEEP_DEN + KEEP_SLACK
+        if self._busy_bytes + self._free_bytes <= keep:
+            return
+        self._free.sort(key=len)
+        while self._free and self._busy_bytes + self._free_bytes > keep:
+            buf = self._free.pop()  # the largest first
+            self._free_bytes -= len(buf)
+            try:
+                buf.close()
+            except BufferError:  # pragma: no cover - an export outlived its anchor
+                pass
+
+    def stats(self) -> dict[str, int]:
+        """Bytes of buffers in use and kept free, and how many were fresh or reused."""
+        with self._lock:
+            self._collect()
+            return {"busy_bytes": self._busy_bytes, "free_bytes": self._free_bytes,
+                    "fresh": self.fresh, "reused": self.reused}
+
+
+_buffers: PrivateBuffers | None = None
+
+
+def process_buffers() -> PrivateBuffers:
+    """This process's buffer cache (a fork child starts with an empty one)."""
+    global _buffers
+    if _buffers is None or _buffers.pid != current_pid():
+        _buffers = PrivateBuffers()
+    return _buffers
