@@ -46,7 +46,7 @@ def _describe_call(func: Any, args: Any) -> str:
     first = args[0] if isinstance(args, tuple) and args else None
     if isinstance(first, type):
         return f"{_name(first)} (rebuilt by {_name(func)})"
-    return f"the object rebuilt by {_name(func)}"
+    return f"an object made by {_name(func)}"
 
 
 def _container(self: Any) -> str:

@@ -33,7 +33,6 @@ __all__ = ["OwnershipPickler"]
 
 #: Types that hold neither bytes nor other objects: never worth a mark.
 _SCALARS = frozenset((int, float, str, bool, type(None), complex, type))
-_CONTAINERS = frozenset((tuple, list, dict, set, frozenset))
 _HASHED = frozenset((set, frozenset))
 #: Reconstructors of object's default reduction: state is set attribute by attribute.
 _DEFAULT_REDUCERS = (copyreg.__newobj__, copyreg.__newobj_ex__, copyreg._reconstructor)

@@ -634,8 +634,8 @@ def _corrupting_worker_init(mode: str, victim: int):
                 writer = _ShiftingWriter(writer, 1 << 30)
             return real_offload(obj, writer, threshold)
 
-        def pack(token, span, body):
-            envelope = real_pack(token, span, body)
+        def pack(token, span, body, *threshold):
+            envelope = real_pack(token, span, body, *threshold)
             if victim in (state["batch"] or ()):
                 if mode == "truncate":
                     return envelope[: len(envelope) // 2]
