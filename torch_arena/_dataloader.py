@@ -62,16 +62,15 @@ class ArenaDataLoader(DataLoader):
 
     Args:
         arena: ``"pool"`` (the default: an elastic pool, zero-copy views, sized
-            by the batches themselves), ``"ring"`` (private copies), an arena
+            by the batches themselves), ``"ring"`` (the same memory, restores
+            copied into recycled private memory), an arena
             instance you own (shared by all the loader's iterators), or
             ``None`` / ``"none"`` for exactly the stock transport (the A side
             of an A/B comparison). Ignored with ``num_workers=0``.
-        arena_budget: For ``"pool"``: the most memory the arena may commit
-            (default: half of the memory available when the first iterator
-            starts); nothing is committed until batches need it, and memory
-            above the recent working set goes back. For ``"ring"``: its size
-            (default: room for a 64 MiB batch per slot, ``num_workers ×
-            prefetch_factor + 2``, at most an eighth of the memory available).
+        arena_budget: The most memory an arena the loader makes (``"pool"`` or
+            ``"ring"``) may commit. Default: half of the memory available when
+            the first iterator starts; nothing is committed until batches need
+            it, and memory above the recent working set goes back.
             Bytes as an int, an integral float (``1.5e9``) or a string
             (``"4GiB"``, ``"512MB"``).
         arena_overflow: ``"fallback"`` (default): a batch that does not fit

@@ -128,10 +128,9 @@ class ArenaDataModuleMixin:
                 (an elastic shared-memory pool, zero-copy views), ``ring`` (a ring
                 buffer, private copies) or ``none`` (torch's stock transport).
                 Not given (``null``): the class attribute ``default_arena``.
-            arena_budget: For ``pool``, the most memory each loader's arena may
-                commit (default half of the memory available; nothing is
-                committed until batches need it); for ``ring``, its size. An
-                int or a string such as ``4GiB``.
+            arena_budget: The most memory each loader's arena may commit
+                (default half of the memory available; nothing is committed
+                until batches need it). An int or a string such as ``4GiB``.
             arena_overflow: A batch that does not fit: ``fallback`` sends it
                 the stock way (with one warning), ``raise`` fails.
             arena_timeout: Seconds a worker waits for arena space.
