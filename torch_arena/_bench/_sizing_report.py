@@ -82,8 +82,12 @@ def epoch_tables(results: dict[str, Any]) -> str:
             )
     for r in _ok(results.get("epochs", [])):
         series = " ".join(f"{e['committed_after'] / MiB:.0f}" for e in r["epochs"])
+        peaks = " ".join(
+            f"{e['committed_high_water'] / MiB:.0f}/{e['bytes_high_water'] / MiB:.0f}" for e in r["epochs"]
+        )
         fb = sum(e["fallbacks"] for e in r["epochs"][-1:])
         lines.append(f"{r['case']:<6} {r['transport']:<8} committed MiB after each epoch: {series}  (fallbacks {fb})")
+        lines.append(f"{'':<15} peak committed / peak held MiB by then: {peaks}")
     return "\n".join(lines)
 
 
@@ -201,6 +205,16 @@ def check_targets(results: dict[str, Any]) -> list[Check]:
         if r["transport"] != "elastic":
             continue
         after = [e["committed_after"] / MiB for e in r["epochs"]]
+        committed = max(e["committed_high_water"] for e in r["epochs"]) / MiB
+        held = max(e["bytes_high_water"] for e in r["epochs"]) / MiB
+        checks.append(
+            (
+                f"committed <= 1.25 x held + 16 MiB, {r['case']} epochs",
+                committed <= 1.25 * held + 16,
+                f"{committed:.0f} MiB vs limit {1.25 * held + 16:.0f} (held {held:.0f}) = "
+                f"{committed / (1.25 * held + 16):.2f}x",
+            )
+        )
         if r["case"] == "shrink":
             checks.append(
                 (
