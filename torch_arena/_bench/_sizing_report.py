@@ -11,6 +11,7 @@ from typing import Any
 
 from ._config import MiB
 from ._report import _fmt, machine_line
+from ._sizing import TRANSPORTS
 
 Check = tuple[str, bool, str]
 
@@ -27,7 +28,9 @@ def matrix_table(rows: Sequence[dict[str, Any]]) -> str:
         f"{'limit':>7} {'x lim':>5} {'peak MB':>8} {'noise':>5}"
     )
     lines = [head, "-" * len(head)]
-    for r in rows:
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    order = {t: i for i, t in enumerate(TRANSPORTS)}
+    for r in sorted(rows, key=lambda r: (sizes.index(r["size"]), order.get(r["transport"], 9))):
         if r.get("skipped"):
             lines.append(f"{r['size']:<8} {r['transport']:<8}{r['skipped']}")
             continue
