@@ -11,6 +11,7 @@ from typing import Any
 
 from ._config import MiB
 from ._report import _fmt, machine_line
+from ._sizing import TRANSPORTS
 
 Check = tuple[str, bool, str]
 
@@ -27,7 +28,9 @@ def matrix_table(rows: Sequence[dict[str, Any]]) -> str:
         f"{'limit':>7} {'x lim':>5} {'peak MB':>8} {'noise':>5}"
     )
     lines = [head, "-" * len(head)]
-    for r in rows:
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    order = {t: i for i, t in enumerate(TRANSPORTS)}
+    for r in sorted(rows, key=lambda r: (sizes.index(r["size"]), order.get(r["transport"], 9))):
         if r.get("skipped"):
             lines.append(f"{r['size']:<8} {r['transport']:<8}{r['skipped']}")
             continue
@@ -82,8 +85,12 @@ def epoch_tables(results: dict[str, Any]) -> str:
             )
     for r in _ok(results.get("epochs", [])):
         series = " ".join(f"{e['committed_after'] / MiB:.0f}" for e in r["epochs"])
+        peaks = " ".join(
+            f"{e['committed_high_water'] / MiB:.0f}/{e['bytes_high_water'] / MiB:.0f}" for e in r["epochs"]
+        )
         fb = sum(e["fallbacks"] for e in r["epochs"][-1:])
         lines.append(f"{r['case']:<6} {r['transport']:<8} committed MiB after each epoch: {series}  (fallbacks {fb})")
+        lines.append(f"{'':<15} peak committed / peak held MiB by then: {peaks}")
     return "\n".join(lines)
 
 
@@ -201,6 +208,16 @@ def check_targets(results: dict[str, Any]) -> list[Check]:
         if r["transport"] != "elastic":
             continue
         after = [e["committed_after"] / MiB for e in r["epochs"]]
+        committed = max(e["committed_high_water"] for e in r["epochs"]) / MiB
+        held = max(e["bytes_high_water"] for e in r["epochs"]) / MiB
+        checks.append(
+            (
+                f"committed <= 1.25 x held + 16 MiB, {r['case']} epochs",
+                committed <= 1.25 * held + 16,
+                f"{committed:.0f} MiB vs limit {1.25 * held + 16:.0f} (held {held:.0f}) = "
+                f"{committed / (1.25 * held + 16):.2f}x",
+            )
+        )
         if r["case"] == "shrink":
             checks.append(
                 (

@@ -49,8 +49,17 @@ def _rotated(items: Sequence[str], k: int) -> list[str]:
     return [*items[k:], *items[:k]]
 
 
+#: A run during which other processes used more than this % of the machine runs
+#: again, up to RETRIES times; the quietest is kept (``--max-noise``, ``--retries``).
+NOISE = {"max": 20.0, "retries": 1}
+
+
 def _run(entry: str, payload: dict[str, Any], progress: Callable[[str], None], label: str) -> dict[str, Any]:
-    child = run_child(entry, payload, pss_interval=0.1)
+    runs = [run_child(entry, payload, pss_interval=0.1)]
+    while not runs[-1]["skipped"] and runs[-1]["noise_pct"] > NOISE["max"] and len(runs) <= NOISE["retries"]:
+        progress(f"{label}: noisy ({runs[-1]['noise_pct']:.0f}% of the machine busy elsewhere), again")
+        runs.append(run_child(entry, payload, pss_interval=0.1))
+    child = min(runs, key=lambda c: (bool(c["skipped"]), c["noise_pct"]))
     raw = child["raw"] or {}
     row = {**payload, **raw, "peak_pss_mb": child["peak_pss_mb"], "noise_pct": child["noise_pct"]}
     row["skipped"] = child["skipped"]
@@ -165,6 +174,13 @@ def parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--windows", type=int, default=None, help="timed windows per matrix configuration (default 4)")
     p.add_argument("--reps", type=int, default=None, help="repetitions of the start-up and pipeline A/Bs (default 3)")
+    p.add_argument(
+        "--max-noise",
+        type=float,
+        default=NOISE["max"],
+        help="run a measurement again when other processes used more than this %% of the machine (default 20)",
+    )
+    p.add_argument("--retries", type=int, default=NOISE["retries"], help="how often a noisy run runs again (default 1)")
     p.add_argument("--pipeline-batches", type=int, default=None, help="timed steps per pipeline run (default 16)")
     return p
 
@@ -181,6 +197,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m torch_arena be
         if args.sizes
         else ([1 / 16, 1.0, 32.0, VAR] if args.quick else list(SIZES))
     )
+    NOISE.update(max=args.max_noise, retries=args.retries)
     reps = args.reps or (1 if args.quick else 3)
     windows = args.windows or (2 if args.quick else 4)
 
