@@ -9,10 +9,16 @@ import numpy as np
 import torch
 
 import torch_arena as ta
+from torch_arena._lease import flush as flush_leases
 
 
 def arena_files_held() -> int:
-    """Descriptors and mappings of torch_arena memory files in this process."""
+    """Descriptors and mappings of torch_arena memory files in this process,
+    once garbage is collected and the lease reaper has released what died
+    (earlier tests' arenas may still be on their way out)."""
+    gc.collect()
+    flush_leases()
+    gc.collect()
     fds = 0
     for fd in os.listdir("/proc/self/fd"):
         try:

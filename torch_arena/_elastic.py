@@ -53,7 +53,7 @@ from ._base import (
 )
 from ._elastic_unit import ElasticCopyReader, ElasticReader
 from ._elastic_writer import ElasticWriter
-from ._extents import STATE_NAMES, TRIM, WARM, ExtentTable
+from ._extents import BUSY, STATE_NAMES, TRIM, WARM, ExtentTable
 from ._lease import flush as flush_leases
 from ._memory import PAGE_SIZE, available_memory, committed_bytes, parse_bytes
 from ._sync import current_pid, pid_alive
@@ -178,17 +178,21 @@ class SharedMemoryElasticPool(ArenaBase):
     # -- allocation (writers) --------------------------------------------------
     def _new_unit(self, header: np.ndarray, pid: int) -> tuple[int, int] | None:
         tables = _Tables(header)
-        free = np.flatnonzero(tables.ustate == FREE)
-        if not len(free):
+        slot = int(np.argmin(tables.ustate))  # FREE is 0: the first free slot
+        if tables.ustate[slot] != FREE:
             return None
-        slot = int(free[0])
         tables.ustate[slot], tables.uowner[slot], tables.ubytes[slot] = WRITING, pid, 0
         tables.ugen[slot] += 1
         self.state.count_usage(header, 1, 0)
         return slot, int(tables.ugen[slot])
 
-    def _take(self, header: np.ndarray, nbytes: int, pid: int, slot: int) -> tuple[int, int, bool] | None:
-        """Place ``nbytes`` for unit ``slot``: ``(start, length, fresh)`` or None."""
+    def _take(self, header: np.ndarray, nbytes: int, pid: int, slot: int) -> Any:
+        """Place ``nbytes`` for unit ``slot``: ``(row, start, length, fresh,
+        marked)`` or None. A fresh (cold) range must be committed by the caller,
+        after punching ``marked``: warm memory above what the working set
+        warrants, given back *before* more is committed so that committed memory
+        never runs past the target while a unit larger than every warm extent
+        is written."""
         tables = _Tables(header)
         extents = tables.extents
         cold_ok = header[_COMMITTED] + nbytes <= header[_CAP]
@@ -197,13 +201,18 @@ class SharedMemoryElasticPool(ArenaBase):
             return None
         row, start, fresh = placed
         length = int(extents.length[row])
-        if fresh:
-            header[_COMMITTED] += length
-            header[_COMMITTED_HW] = max(header[_COMMITTED_HW], header[_COMMITTED])
         tables.ubytes[slot] += length
         self.state.count_usage(header, 0, length)
         header[_WS_CUR] = max(header[_WS_CUR], header[H_BYTES])
-        return start, length, fresh
+        marked: list[tuple[int, int]] = []
+        if fresh:
+            # The marked ranges are punched before this one is committed.
+            excess = int(header[_COMMITTED]) + length - self._keep(header)
+            if excess > 0:
+                marked = self._mark_trim(header, excess, pid)
+            header[_COMMITTED] += length
+            header[_COMMITTED_HW] = max(header[_COMMITTED_HW], header[_COMMITTED])
+        return row, start, length, fresh, marked
 
     def _room_to_make(self, header: np.ndarray, nbytes: int) -> int:
         """Warm bytes to give back so that ``nbytes`` of cold memory fits the cap."""
@@ -229,28 +238,36 @@ class SharedMemoryElasticPool(ArenaBase):
             with state.locked() as header:
                 _Tables(header).extents.finish_trim(marked, current_pid())
 
+    @staticmethod
+    def _keep(header: np.ndarray) -> int:
+        """Committed bytes the recent working set warrants."""
+        working_set = int(max(header[_WS_PREV], header[_WS_CUR]))
+        return working_set * KEEP_NUM // KEEP_DEN + KEEP_SLACK
+
     def _excess(self, header: np.ndarray) -> int:
         """Committed bytes above what the working set warrants (after a commit)."""
         header[_WINDOW] += 1
         if header[_WINDOW] >= WINDOW_UNITS:
             header[_WS_PREV], header[_WS_CUR], header[_WINDOW] = header[_WS_CUR], header[H_BYTES], 0
-        working_set = int(max(header[_WS_PREV], header[_WS_CUR]))
-        keep = working_set * KEEP_NUM // KEEP_DEN + KEEP_SLACK
-        return int(header[_COMMITTED]) - keep
+        return int(header[_COMMITTED]) - self._keep(header)
 
     def _fullness(self, header: np.ndarray) -> tuple[int, int, int]:
         """``(committed bytes, cap, units in use)``, for messages."""
         return int(header[_COMMITTED]), int(header[_CAP]), int(header[H_UNITS])
 
-    def _close_unit(self, header: np.ndarray, slot: int, last: tuple[int, int] | None, used: int) -> list[tuple[int, int]]:
+    def _close_unit(
+        self, header: np.ndarray, slot: int, last: tuple[int, int, int] | None, used: int
+    ) -> list[tuple[int, int]]:
         """Commit unit ``slot`` (lock held): give the unused tail of its ``last``
-        extent back, mark it filled, and mark warm memory above the working set
-        for trimming; returns the marked ranges (to punch without the lock)."""
+        extent ``(row, start, length)`` back, mark it filled, and mark warm
+        memory above the working set for trimming; returns the marked ranges
+        (to punch without the lock). A busy extent's row never moves."""
         tables = _Tables(header)
         if last is not None:
-            start, length = last
+            row, start, length = last
             keep = align_up(used, PAGE_SIZE)
-            row = tables.extents.row_containing(start, length)
+            if not (tables.extents.state[row] == BUSY and tables.extents.start[row] == start):
+                row = tables.extents.row_containing(start, length)
             if row >= 0 and keep < length:
                 tail = tables.extents.shrink(row, keep)
                 tables.ubytes[slot] -= tail
@@ -317,12 +334,14 @@ def state_offset(state: ArenaState, start: int) -> int:
     return state.header_bytes + start
 
 
-def _drop_unit(state: ArenaState, header: np.ndarray, slot: int, *, punch: bool) -> None:
-    """Free unit ``slot`` and its extents: kept warm, or (``punch``, for memory
-    that may be half committed) given back and cold. Lock held."""
+def _drop_unit(state: ArenaState, header: np.ndarray, slot: int, *, punch: bool, rows: Any = None) -> None:
+    """Free unit ``slot`` and its extents (``rows``, if the caller knows them):
+    kept warm, or (``punch``, for memory that may be half committed) given back
+    and cold. Lock held."""
     tables = _Tables(header)
     extents = tables.extents
-    rows = extents.rows_of(slot)
+    if rows is None or not _rows_are_unit(extents, rows, slot, int(tables.ubytes[slot])):
+        rows = extents.rows_of(slot)
     if punch:
         ranges = [(int(extents.start[r]), int(extents.length[r])) for r in rows]
         for start, length in ranges:
@@ -336,16 +355,28 @@ def _drop_unit(state: ArenaState, header: np.ndarray, slot: int, *, punch: bool)
     tables.ustate[slot], tables.uowner[slot], tables.ubytes[slot] = FREE, 0, 0
 
 
-def release_unit(state: ArenaState, header: np.ndarray, key: tuple[int, int]) -> None:
-    """Free restored unit ``key = (slot, generation)`` (lock held).
+def _rows_are_unit(extents: ExtentTable, rows: Any, slot: int, nbytes: int) -> bool:
+    """Whether ``rows`` are exactly the busy extents of unit ``slot`` (``nbytes`` in all)."""
+    rows = list(rows)
+    return (
+        bool(rows)
+        and bool(np.all(extents.state[rows] == BUSY))
+        and bool(np.all(extents.unit[rows] == slot))
+        and int(extents.length[rows].sum()) == nbytes
+    )
+
+
+def release_unit(state: ArenaState, header: np.ndarray, key: tuple[int, ...]) -> None:
+    """Free restored unit ``key = (slot, generation, rows)`` (lock held).
 
     Takes the state, not the pool: it runs after ``close()`` too, when the last
-    view of a unit dies.
+    view of a unit dies. ``rows`` are the unit's extent rows as the reader saw
+    them (busy rows never move); checked, and looked up again if they are not.
     """
-    slot, gen = key
+    slot, gen = key[0], key[1]
     tables = _Tables(header)
     if tables.ugen[slot] == gen and tables.ustate[slot] in (FILLED, HELD):
-        _drop_unit(state, header, slot, punch=False)
+        _drop_unit(state, header, slot, punch=False, rows=key[2] if len(key) > 2 else None)
 
 
 def _rebuild_elastic(state: ArenaState, max_bytes: int, timeout: float, cls: type = SharedMemoryElasticPool) -> Any:

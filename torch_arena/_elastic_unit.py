@@ -35,9 +35,11 @@ class ElasticUnit:
 
     zero_copy = True
 
-    def __init__(self, reader: "ElasticReader", slot: int, gen: int, extents: list[tuple[int, int]]) -> None:
+    def __init__(
+        self, reader: "ElasticReader", slot: int, gen: int, extents: list[tuple[int, int]], rows: tuple[int, ...] = ()
+    ) -> None:
         self._tracker = reader.tracker
-        self.key = (slot, gen)
+        self.key = (slot, gen, rows)
         self.extents = extents
         state = reader.state
         self.leases: list[np.ndarray] | None = [state.anchored_view(start, n) for start, n in extents]
@@ -111,7 +113,9 @@ class ElasticReader:
                 )
             extents = tables.extents
             rows = extents.rows_of(slot)
-            unit = self.unit_class(self, slot, gen, [(int(extents.start[r]), int(extents.length[r])) for r in rows])
+            unit = self.unit_class(
+                self, slot, gen, [(int(extents.start[r]), int(extents.length[r])) for r in rows], tuple(int(r) for r in rows)
+            )
             # Until finish() hands the unit to its views, the unit object holds
             # it. Registered before the unit is marked: an interrupt in between
             # frees it when the object goes, instead of leaking it.

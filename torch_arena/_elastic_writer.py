@@ -45,6 +45,7 @@ class ElasticWriter(CopyingWriter):
         self._extents: list[tuple[int, int]] = []  # (start, length) of the open unit
         self._used = 0  # bytes used in the last extent
         self._unit_bytes = 0
+        self._last_row = -1
         self._timeout = pool.acquire_timeout
         self.last_wait_seconds = 0.0
 
@@ -126,13 +127,15 @@ class ElasticWriter(CopyingWriter):
         if self._unit_bytes + need > pool.max_bytes:
             need = align_up(nbytes, PAGE_SIZE)
         slot = self._slot
-        start, length, fresh = self._wait_for(
+        row, start, length, fresh, marked = self._wait_for(
             lambda header, pid: pool._take(header, need, pid, slot), format_bytes(need), need
         )
         self._extents.append((start, length))
+        self._last_row = row
         self._used = 0
         self._unit_bytes += length
         if fresh:
+            pool._give_back(marked)
             try:
                 commit_range(self._state.files.memory_fd, self._state.header_bytes + start, length,
                              f"a unit of {pool!r}")
@@ -155,7 +158,8 @@ class ElasticWriter(CopyingWriter):
             raise RuntimeError("no open unit: call begin_unit() first")
         pool, state = self._pool, self._state
         with state.locked() as header:
-            marked = pool._close_unit(header, slot, self._extents[-1] if self._extents else None, self._used)
+            last = (self._last_row, *self._extents[-1]) if self._extents else None
+            marked = pool._close_unit(header, slot, last, self._used)
         self._slot = None
         pool._give_back(marked)
         return (self._gen << 32) | slot
