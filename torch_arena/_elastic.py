@@ -86,7 +86,7 @@ def default_max_bytes() -> int:
 
 
 class _Tables:
-    """Column views of the shared header: units and extents."""
+    """Column views of the shared header: units and extents (see :func:`_tables`)."""
 
     __slots__ = ("ustate", "ugen", "uowner", "ubytes", "extents")
 
@@ -94,6 +94,16 @@ class _Tables:
         units = header[_UNITS_SLOT:_EXTENTS_SLOT].reshape(_UFIELDS, MAX_UNITS)
         self.ustate, self.ugen, self.uowner, self.ubytes = units
         self.extents = ExtentTable(header, _EXTENTS_SLOT, MAX_EXTENTS)
+
+
+def _tables(state: ArenaState, header: np.ndarray) -> _Tables:
+    """The table views of ``header``, made once per process and kept on the
+    arena's state (building them is a measurable part of a unit's cost; the
+    state already holds the header, so the cache keeps nothing alive longer)."""
+    cached = state.__dict__.get("_elastic_tables")
+    if cached is None or cached[0] is not header:
+        cached = state.__dict__["_elastic_tables"] = (header, _Tables(header))
+    return cached[1]
 
 
 class SharedMemoryElasticPool(ArenaBase):
@@ -133,7 +143,7 @@ class SharedMemoryElasticPool(ArenaBase):
         )
         header = self._state.header
         header[_CAP], header[_VSIZE] = max(PAGE_SIZE, cap // PAGE_SIZE * PAGE_SIZE), vsize
-        _Tables(header).extents.initialise(vsize)
+        _tables(self._state, header).extents.initialise(vsize)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(max_bytes={self.max_bytes}, acquire_timeout={self.acquire_timeout})"
@@ -168,16 +178,16 @@ class SharedMemoryElasticPool(ArenaBase):
         """Bytes per extent state ('warm', 'busy', 'cold', ...), for diagnostics."""
         flush_leases()
         with self.state.locked() as header:
-            table = _Tables(header).extents
+            table = _tables(self.state, header).extents
             return {name: table.bytes_in(s) for s, name in STATE_NAMES.items() if s}
 
     def tables(self, header: np.ndarray) -> _Tables:
         """Column views of the unit and extent tables of ``header`` (for endpoints)."""
-        return _Tables(header)
+        return _tables(self.state, header)
 
     # -- allocation (writers) --------------------------------------------------
     def _new_unit(self, header: np.ndarray, pid: int) -> tuple[int, int] | None:
-        tables = _Tables(header)
+        tables = _tables(self.state, header)
         slot = int(np.argmin(tables.ustate))  # FREE is 0: the first free slot
         if tables.ustate[slot] != FREE:
             return None
@@ -193,7 +203,7 @@ class SharedMemoryElasticPool(ArenaBase):
         warrants, given back *before* more is committed so that committed memory
         never runs past the target while a unit larger than every warm extent
         is written."""
-        tables = _Tables(header)
+        tables = _tables(self.state, header)
         extents = tables.extents
         cold_ok = header[_COMMITTED] + nbytes <= header[_CAP]
         placed = extents.take(nbytes, pid, slot, cold_allowed=cold_ok)
@@ -217,11 +227,11 @@ class SharedMemoryElasticPool(ArenaBase):
     def _room_to_make(self, header: np.ndarray, nbytes: int) -> int:
         """Warm bytes to give back so that ``nbytes`` of cold memory fits the cap."""
         over = int(header[_COMMITTED]) + nbytes - int(header[_CAP])
-        warm = _Tables(header).extents.bytes_in(WARM)
+        warm = _tables(self.state, header).extents.bytes_in(WARM)
         return min(over, warm) if over > 0 and warm > 0 else 0
 
     def _mark_trim(self, header: np.ndarray, excess: int, pid: int) -> list[tuple[int, int]]:
-        marked = _Tables(header).extents.mark_trim(align_up(excess, PAGE_SIZE), pid)
+        marked = _tables(self.state, header).extents.mark_trim(align_up(excess, PAGE_SIZE), pid)
         header[_COMMITTED] -= sum(length for _, length in marked)
         return marked
 
@@ -236,7 +246,7 @@ class SharedMemoryElasticPool(ArenaBase):
                 mapping.release(state.header_bytes + start, length)
         finally:
             with state.locked() as header:
-                _Tables(header).extents.finish_trim(marked, current_pid())
+                _tables(state, header).extents.finish_trim(marked, current_pid())
 
     @staticmethod
     def _keep(header: np.ndarray) -> int:
@@ -262,7 +272,7 @@ class SharedMemoryElasticPool(ArenaBase):
         extent ``(row, start, length)`` back, mark it filled, and mark warm
         memory above the working set for trimming; returns the marked ranges
         (to punch without the lock). A busy extent's row never moves."""
-        tables = _Tables(header)
+        tables = _tables(self.state, header)
         if last is not None:
             row, start, length = last
             keep = align_up(used, PAGE_SIZE)
@@ -278,7 +288,7 @@ class SharedMemoryElasticPool(ArenaBase):
 
     def _abort_unit(self, header: np.ndarray, slot: int, gen: int, *, punch: bool) -> None:
         """Drop unit ``slot`` of generation ``gen`` if it is still being written."""
-        tables = _Tables(header)
+        tables = _tables(self.state, header)
         if tables.ugen[slot] == gen and tables.ustate[slot] == WRITING:
             self._drop_unit(header, slot, punch=punch)
 
@@ -287,7 +297,7 @@ class SharedMemoryElasticPool(ArenaBase):
         kernel now; returns the bytes given back. Units in use are untouched."""
         flush_leases()
         with self.state.locked() as header:
-            excess = min(int(header[_COMMITTED]) - keep_bytes, _Tables(header).extents.bytes_in(WARM))
+            excess = min(int(header[_COMMITTED]) - keep_bytes, _tables(self.state, header).extents.bytes_in(WARM))
             marked = self._mark_trim(header, excess, current_pid()) if excess > 0 else []
         self._give_back(marked)
         return sum(length for _, length in marked)
@@ -295,7 +305,7 @@ class SharedMemoryElasticPool(ArenaBase):
     def _reclaim_dead(self, header: np.ndarray) -> int:
         """Free units whose writer died mid-unit and ranges a dead process was
         giving back. Their memory may be half committed: it is punched here."""
-        tables = _Tables(header)
+        tables = _tables(self.state, header)
         extents = tables.extents
         reclaimed = 0
         for slot in np.flatnonzero(tables.ustate == WRITING):
@@ -319,7 +329,7 @@ class SharedMemoryElasticPool(ArenaBase):
     def reclaim_locked(self, header: np.ndarray, producer_pids: "list[int] | tuple[int, ...]") -> int:
         """:meth:`reclaim` for a caller that already holds the arena lock."""
         pids = {int(p) for p in producer_pids}
-        tables = _Tables(header)
+        tables = _tables(self.state, header)
         freed = 0
         for slot in np.flatnonzero((tables.ustate == WRITING) | (tables.ustate == FILLED)):
             owner = int(tables.uowner[slot])
@@ -338,7 +348,7 @@ def _drop_unit(state: ArenaState, header: np.ndarray, slot: int, *, punch: bool,
     """Free unit ``slot`` and its extents (``rows``, if the caller knows them):
     kept warm, or (``punch``, for memory that may be half committed) given back
     and cold. Lock held."""
-    tables = _Tables(header)
+    tables = _tables(state, header)
     extents = tables.extents
     if rows is None or not _rows_are_unit(extents, rows, slot, int(tables.ubytes[slot])):
         rows = extents.rows_of(slot)
@@ -374,7 +384,7 @@ def release_unit(state: ArenaState, header: np.ndarray, key: tuple[int, ...]) ->
     them (busy rows never move); checked, and looked up again if they are not.
     """
     slot, gen = key[0], key[1]
-    tables = _Tables(header)
+    tables = _tables(state, header)
     if tables.ugen[slot] == gen and tables.ustate[slot] in (FILLED, HELD):
         _drop_unit(state, header, slot, punch=False, rows=key[2] if len(key) > 2 else None)
 

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from ._base import FILLED, HELD
-from ._lease import LeaseTracker
-from ._lease import flush as flush_leases
+from ._lease import LeaseTracker, reap_now
 from ._private import process_buffers
 from ._sync import current_pid
 
@@ -101,7 +100,7 @@ class ElasticReader:
         """Claim the committed unit ``span`` for reading."""
         slot, gen = span & 0xFFFFFFFF, span >> 32
         pool = self._pool
-        flush_leases()
+        reap_now()
         with self.state.locked() as header:
             tables = pool.tables(header)
             if not 0 <= slot < len(tables.ustate):

@@ -72,7 +72,7 @@ class ElasticWriter(CopyingWriter):
         pool, state = self._pool, self._state
         pid = current_pid()
         started = time.monotonic()
-        flush_leases()
+        flushed = False
         while True:
             marked: list[tuple[int, int]] = []
             with state.locked() as header:
@@ -91,6 +91,12 @@ class ElasticWriter(CopyingWriter):
                 return result
             if marked:
                 pool._give_back(marked)
+                continue
+            if not flushed:
+                # Views this process dropped may not be counted yet: count them
+                # (outside the lock) before waiting for anyone else.
+                flush_leases()
+                flushed = True
                 continue
             waited = time.monotonic() - started
             if waited >= self._timeout:

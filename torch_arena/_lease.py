@@ -24,13 +24,18 @@ import os
 import queue
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from ._sync import current_pid
 
-__all__ = ["LeaseTracker", "flush"]
+__all__ = ["LeaseTracker", "flush", "reap_now"]
+
+#: How long the reaper thread leaves a dead reference for the consumer's own
+#: thread to release before releasing it itself.
+_REAP_DELAY_S = 0.002
 
 
 class _Reaper:
@@ -56,10 +61,13 @@ class _Reaper:
     def _run(self) -> None:
         q = self.queue
         while True:
-            dead = [q.get()]
+            q.put(q.get())  # wait for a dead reference, and leave it queued
+            # Give the consumer's own arena call (reap_now, which runs without
+            # contending for the arena lock) a moment to take it; whatever is
+            # still queued after that is released here.
+            time.sleep(_REAP_DELAY_S)
             with self.drain_lock:
-                self.drain(dead)
-            del dead
+                self.drain([])
 
     def drain(self, dead: "list[weakref.ref]", *, scan: bool = False) -> None:
         """Count down the leases of ``dead`` references (and any queued with
@@ -117,6 +125,21 @@ def flush() -> None:
         # for that release.
         with reaper.drain_lock:
             reaper.drain([], scan=True)
+
+
+def reap_now() -> None:
+    """Release what died, here and now, if anything is queued and the reaper
+    thread is not at it already. Cheap when there is nothing to do; arenas
+    call it before taking their lock on the consumer's hot path, so that
+    releases run in that thread instead of contending with the reaper for the
+    lock. Never call it with an arena lock held."""
+    reaper = _reaper
+    if reaper.queue.empty() or not reaper.drain_lock.acquire(blocking=False):
+        return
+    try:
+        reaper.drain([])
+    finally:
+        reaper.drain_lock.release()
 
 
 class LeaseTracker:

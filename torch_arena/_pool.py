@@ -37,7 +37,7 @@ from ._base import (
     check_positive_int,
     check_timeout,
 )
-from ._lease import LeaseTracker
+from ._lease import LeaseTracker, reap_now
 from ._lease import flush as flush_leases
 from ._memory import PAGE_SIZE, format_bytes
 from ._sync import current_pid, pid_alive
@@ -338,7 +338,7 @@ class PoolReader:
         if not 0 <= seg < self._geo.count:
             raise ValueError(f"corrupt envelope: span {span} names segment {seg} of a pool of {self._geo.count}")
         geo = self._geo
-        flush_leases()
+        reap_now()
         unit = PoolUnit(self, seg, gen, 0)
         with geo.state.locked() as header:
             row = self._pool._table(header)[seg]
