@@ -254,8 +254,12 @@ def in_child(fn) -> int:
 
 
 def collect() -> None:
-    """Run the garbage collector (finalizers release pool segments)."""
+    """Run the garbage collector, then release what it freed (what the lease
+    reaper thread does a moment later), so a test can read arena state at once."""
+    from torch_arena._lease import flush
+
     gc.collect()
+    flush()
 
 
 def _small_pool(unit: int = 1 << 20, units: int = 4) -> Any:

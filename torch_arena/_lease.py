@@ -9,10 +9,15 @@ segment then stays reserved until something sweeps it up.
 
 Here the callback of each view's weak reference is ``SimpleQueue.put`` of one
 process-wide queue: a single C call, which no signal handler can interrupt
-half-way. A daemon thread (signals are only ever handled in the main thread)
-takes the dead references off the queue, counts each lease down, and frees a
-unit under the arena lock once all its views are gone. Nothing in the
-training loop's thread waits for the arena lock to drop a batch.
+half-way, and only a wake-up. What is outstanding lives in a registry; a
+*drain* scans it for units all of whose anchors are dead, releases them under
+the arena lock, and only then forgets them. Releases are idempotent, so a
+drain cut short by an interrupt, or two drains at once, lose nothing. A daemon
+thread (signals are only ever handled in the main thread) drains a moment
+after something dies, and every second while leases are outstanding; the
+consumer's own arena calls drain first when something died (so the release
+usually runs there, without contending for the lock), and calls that report
+usage drain first so what they report is exact.
 
 After ``fork`` the child starts with an empty registry: views it inherited
 belong to its parent, which releases them.
@@ -36,10 +41,22 @@ __all__ = ["LeaseTracker", "flush", "reap_now"]
 #: How long the reaper thread leaves a dead reference for the consumer's own
 #: thread to release before releasing it itself.
 _REAP_DELAY_S = 0.002
+#: How often the reaper thread looks for dead references nobody queued (a
+#: drain cut short by an interrupt) while leases are outstanding.
+_SWEEP_S = 1.0
 
 
 class _Reaper:
-    """The process-wide queue of dead references and the thread that drains it."""
+    """The registry of outstanding leases, and the thread that releases them.
+
+    Correctness never depends on the queue: a drain scans the registry for
+    dead references, releases the units all of whose anchors are dead, and
+    only then removes their entries. Releases are idempotent (a unit is freed
+    only while its generation still matches), so two drains at once (the
+    thread and a consumer's own call) or a drain cut short by an interrupt
+    lose nothing: whatever a drain did not finish, the next one does. The
+    queue only says that something died.
+    """
 
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue[weakref.ref] = queue.SimpleQueue()
@@ -47,8 +64,6 @@ class _Reaper:
         # state) only while one of its leases is outstanding.
         self.entries: dict[int, tuple[LeaseTracker, Hashable, weakref.ref]] = {}
         self.lock = threading.Lock()
-        # Held by the thread for a whole drain, releases included.
-        self.drain_lock = threading.Lock()
         self.thread: threading.Thread | None = None
         self.pid = current_pid()
 
@@ -61,41 +76,44 @@ class _Reaper:
     def _run(self) -> None:
         q = self.queue
         while True:
-            q.put(q.get())  # wait for a dead reference, and leave it queued
-            # Give the consumer's own arena call (reap_now, which runs without
-            # contending for the arena lock) a moment to take it; whatever is
-            # still queued after that is released here.
+            try:
+                q.get(timeout=_SWEEP_S)
+            except queue.Empty:
+                if not self.entries:
+                    continue  # nothing outstanding: a periodic look finds nothing
+            # Give the consumer's own arena call (reap_now) a moment to release
+            # it without contending for the arena lock; then release what is left.
             time.sleep(_REAP_DELAY_S)
-            with self.drain_lock:
-                self.drain([])
+            self.drain()
 
-    def drain(self, dead: "list[weakref.ref]", *, scan: bool = False) -> None:
-        """Count down the leases of ``dead`` references (and any queued with
-        them), and release the units whose views are now all gone.
-
-        With ``scan``, also every registered reference that is already dead:
-        one the thread has taken off the queue but not yet counted. Whoever
-        pops an entry first counts it; the other finds it gone.
-        """
+    def drain(self) -> None:
+        """Release every unit all of whose anchors are dead, then forget them."""
         q = self.queue
         while True:
             try:
-                dead.append(q.get_nowait())
+                q.get_nowait()
             except queue.Empty:
                 break
-        expired: dict[LeaseTracker, list[Hashable]] = {}
         with self.lock:
-            if scan:
-                dead.extend(entry[2] for entry in self.entries.values() if entry[2]() is None)
-            for ref in dead:
-                entry = self.entries.pop(id(ref), None)
-                if entry is not None and entry[2] is ref:
-                    tracker, key, _ = entry
-                    if tracker._count_down(key):
-                        expired.setdefault(tracker, []).append(key)
-        dead.clear()
-        for tracker, keys in expired.items():
+            candidates = {(entry[0], entry[1]) for entry in self.entries.values() if entry[2]() is None}
+            expired = [
+                (tracker, key, refs)
+                for tracker, key in candidates
+                if (refs := tracker._refs.get(key)) is not None and all(ref() is None for ref in refs)
+            ]
+        if not expired:
+            return
+        by_tracker: dict[LeaseTracker, list[Hashable]] = {}
+        for tracker, key, _ in expired:
+            by_tracker.setdefault(tracker, []).append(key)
+        for tracker, keys in by_tracker.items():
             tracker._release(keys)
+        with self.lock:
+            for tracker, key, refs in expired:
+                if tracker._refs.get(key) is refs:  # not given new anchors meanwhile
+                    del tracker._refs[key]
+                    for ref in refs:
+                        self.entries.pop(id(ref), None)
 
 
 _reaper = _Reaper()
@@ -112,34 +130,20 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def flush() -> None:
     """Release, in this thread and now, the units whose last view has died.
 
-    The reaper thread does the same a moment later; arena calls run this
-    first so what they report (usage, states) and what a writer in this
-    process finds free does not depend on thread scheduling. Never call it
-    with an arena lock held.
+    Arena calls that report (usage, states) run it first, so what they say does
+    not depend on thread scheduling. Never call it with an arena lock held.
     """
-    reaper = _reaper
-    if reaper.thread is not None:
-        # The thread takes a reference off the queue before it holds the drain
-        # lock: the scan counts such a one here. One it has counted, it holds
-        # the lock for until its release is done: waiting for the lock waits
-        # for that release.
-        with reaper.drain_lock:
-            reaper.drain([], scan=True)
+    if _reaper.entries:
+        _reaper.drain()
 
 
 def reap_now() -> None:
-    """Release what died, here and now, if anything is queued and the reaper
-    thread is not at it already. Cheap when there is nothing to do; arenas
-    call it before taking their lock on the consumer's hot path, so that
-    releases run in that thread instead of contending with the reaper for the
-    lock. Never call it with an arena lock held."""
-    reaper = _reaper
-    if reaper.queue.empty() or not reaper.drain_lock.acquire(blocking=False):
-        return
-    try:
-        reaper.drain([])
-    finally:
-        reaper.drain_lock.release()
+    """:func:`flush` if something died since the last drain: cheap when nothing
+    did. Arenas call it before taking their lock on the consumer's hot path, so
+    releases run in that thread instead of contending with the reaper thread
+    for the lock. Never call it with an arena lock held."""
+    if not _reaper.queue.empty():
+        _reaper.drain()
 
 
 class LeaseTracker:
@@ -148,14 +152,14 @@ class LeaseTracker:
     Args:
         state: The arena's per-process state (its ``locked()`` and ``wakeup``).
         release: Called with the header under the arena lock for each key
-            whose views are all gone.
+            whose views are all gone. Must be idempotent: a key can be
+            released twice (two drains at once).
     """
 
     def __init__(self, state: Any, release: Callable[[Any, Hashable], None]) -> None:
         self.state = state
         self.release_locked = release
         self.pid = current_pid()
-        self._remaining: dict[Hashable, int] = {}
         self._refs: dict[Hashable, list[weakref.ref]] = {}
 
     def hold(self, key: Hashable, anchors: Iterable[object]) -> None:
@@ -169,28 +173,19 @@ class LeaseTracker:
                 refs.append(weakref.ref(anchor, put))
             except TypeError:
                 continue  # cannot be tracked; the other anchors cover it
+        if not refs:
+            with reaper.lock:
+                for ref in self._refs.pop(key, ()):
+                    reaper.entries.pop(id(ref), None)
+            self._release([key])
+            return
         with reaper.lock:
             for ref in self._refs.get(key, ()):  # a new set of anchors replaces the old
                 reaper.entries.pop(id(ref), None)
-            self._remaining[key] = len(refs)
             self._refs[key] = refs
             for ref in refs:
                 reaper.entries[id(ref)] = (self, key, ref)
         reaper.ensure_running()
-        if not refs:
-            self._release([key])
-
-    def _count_down(self, key: Hashable) -> bool:
-        # Called with the reaper lock held.
-        left = self._remaining.get(key)
-        if left is None:
-            return False
-        if left > 1:
-            self._remaining[key] = left - 1
-            return False
-        del self._remaining[key]
-        self._refs.pop(key, None)
-        return True
 
     def _release(self, keys: list[Hashable]) -> None:
         if current_pid() != self.pid or sys.is_finalizing():
@@ -207,20 +202,8 @@ class LeaseTracker:
     @property
     def held(self) -> int:
         """How many units this process still holds leases on."""
-        return len(self._remaining)
+        return len(self._refs)
 
     def sweep(self) -> None:
-        """Free leases whose anchors are all dead but whose release never ran
-        (an interrupt between taking the views and :meth:`hold` returning)."""
-        reaper = _reaper
-        stale = []
-        with reaper.lock:
-            for key, refs in list(self._refs.items()):
-                if refs and all(ref() is None for ref in refs):
-                    stale.append(key)
-                    del self._refs[key]
-                    self._remaining.pop(key, None)
-                    for ref in refs:
-                        reaper.entries.pop(id(ref), None)
-        if stale:
-            self._release(stale)
+        """Release now what died (see :func:`flush`)."""
+        flush()
