@@ -116,7 +116,7 @@ def test_loader_rebuilds_its_arena_when_settings_change():
         assert loader._arena_session.arena.capacity > first.capacity
         loader.arena = "ring"
         assert len(list(loader)) == 4
-        assert isinstance(loader._arena_session.arena, ta.SharedMemoryRingBuffer)
+        assert isinstance(loader._arena_session.arena, ta.SharedMemoryElasticRing)  # the self-sizing ring
     finally:
         loader.release_arena()
 
