@@ -132,3 +132,30 @@ def test_register_handler_rejects_bad_objects(blob_handler):
     ta.unregister_handler(blob_handler.kind)
     with pytest.raises(ValueError):
         ta.unregister_handler(blob_handler.kind)
+
+
+def test_small_tensors_travel_inline_without_torch_save(arena):
+    """Below the threshold a CPU storage's raw bytes travel in the envelope (not
+    torch.save's zip archive, whose load is most of a small batch's restore),
+    and everything torch's own path keeps survives."""
+    base = torch.arange(100, dtype=torch.float64)
+    item = {
+        "a": base,
+        "v": base[10:20],  # a view of the same storage
+        "b": torch.tensor([True, False]),
+        "h": torch.ones(3, dtype=torch.bfloat16, requires_grad=True),
+        "e": torch.empty(0),
+        "p": torch.nn.Parameter(torch.ones(4)),
+        "labels": torch.arange(256),
+    }
+    w, r = arena.open_writer(), arena.open_reader()
+    env = ta.offload(item, w, threshold=4096)
+    assert b"PK\x03\x04" not in env  # no zip archive inside
+    out = ta.restore(env, r)
+    assert out["v"].untyped_storage().data_ptr() == out["a"].untyped_storage().data_ptr()
+    assert torch.equal(out["a"], base) and torch.equal(out["v"], base[10:20])
+    assert out["h"].dtype == torch.bfloat16 and out["h"].requires_grad
+    assert type(out["p"]) is torch.nn.Parameter and out["e"].numel() == 0
+    assert out["b"].tolist() == [True, False] and torch.equal(out["labels"], torch.arange(256))
+    out["labels"][0] = 7  # private, writable
+    assert item["labels"][0] == 0

@@ -67,6 +67,7 @@ class _OffloadPickler(OwnershipPickler):
         self.mark_min = threshold
         self._fast = hasattr(writer, "allocate")
         self._placed: dict[tuple[int, int], int] = {}
+        self._inlined: dict[tuple[Any, ...], int] = {}
         self.binary_bytes = 0
 
     def persistent_id(self, obj: Any) -> Any:
@@ -78,7 +79,7 @@ class _OffloadPickler(OwnershipPickler):
             return None
         handler = _handlers.handler_for(obj, self._threshold)
         if handler is None:
-            return None
+            return self._inline_storage(obj)
         if handler is _handlers.BYTES and self.in_state(obj):
             if cls is not memoryview and len(obj) < self._state_min:
                 return None  # cheaper inline than through the arena and back out
@@ -92,6 +93,17 @@ class _OffloadPickler(OwnershipPickler):
             offset = self._place(src, address, nbytes)
             self._placed[(address, nbytes)] = offset
         return (_PID_TAG, handler.kind, offset, nbytes, meta)
+
+    def _inline_storage(self, obj: Any) -> Any:
+        """A small CPU storage as raw bytes in the stream (see
+        :func:`~torch_arena._handlers.inline_storage`); the same storage twice
+        (two views of one tensor) gets one reference, so it comes back shared."""
+        found = _handlers.inline_storage(obj)
+        if found is None:
+            return None
+        address, meta = found
+        index = self._inlined.setdefault((address, len(meta[1]), meta[0]), len(self._inlined))
+        return (_PID_TAG, _handlers.INLINE_STORAGE, index, len(meta[1]), meta)
 
     def _place(self, src: np.ndarray, address: int, nbytes: int) -> int:
         writer = self._writer
@@ -201,6 +213,11 @@ class _Restoring:
         _, kind, offset, nbytes, meta = pid
         if not (isinstance(offset, int) and isinstance(nbytes, int)) or offset < 0 or nbytes < 0:
             raise ValueError(f"corrupt envelope: bad offset/size {offset!r}/{nbytes!r}")
+        if kind == _handlers.INLINE_STORAGE:  # index ``offset`` of this envelope's inline storages
+            key = (kind, offset)
+            if key not in self._memo:
+                self._memo[key] = _handlers.storage_from_inline(meta)
+            return self._memo[key]
         handler = _handlers.handler_of_kind(kind)
         wrap = getattr(handler, "wrap", None)
         # Handlers without ``wrap`` rebuild from ``meta``: two objects over the same

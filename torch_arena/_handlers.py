@@ -324,6 +324,37 @@ def handler_for(obj: object, threshold: int) -> Any:
     return None
 
 
+#: Reference kind of a small CPU storage carried inline in the envelope.
+INLINE_STORAGE = "torch-inline"
+
+
+def inline_storage(obj: object) -> tuple[int, Any] | None:
+    """``(address, meta)`` for a CPU ``TypedStorage`` below the threshold, else None.
+
+    torch pickles a storage through ``torch.save`` into a zip archive and back
+    through ``torch.load``: about 0.4 ms for a 2 KiB label tensor, most of a
+    batch's restore. Its raw bytes inline in the envelope cost one small copy.
+    """
+    if type(obj) is not TypedStorage:
+        return None
+    untyped = obj._untyped_storage  # type: ignore[attr-defined]
+    if untyped.device.type != "cpu":
+        return None
+    raw = torch.empty(0, dtype=torch.uint8).set_(untyped).numpy().tobytes()
+    return untyped.data_ptr(), (obj.dtype, raw)
+
+
+def storage_from_inline(meta: Any) -> object:
+    """The private ``TypedStorage`` an :func:`inline_storage` reference describes."""
+    dtype, raw = meta
+    if not isinstance(dtype, torch.dtype) or not isinstance(raw, (bytes, bytearray)):
+        raise ValueError(f"corrupt envelope: bad inline storage {type(dtype).__name__}/{type(raw).__name__}")
+    flat = torch.empty(len(raw), dtype=torch.uint8)
+    if raw:
+        flat.numpy()[...] = np.frombuffer(raw, dtype=np.uint8)
+    return TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
+
+
 def restores_into_private(handler: Any, meta: Any) -> bool:
     """Whether a copy-out restore of this object may live in a recycled private
     buffer: numpy arrays, tensors and memoryviews may; ``bytes`` and
