@@ -16,7 +16,8 @@ from torch_arena._bench._config import Config, Result
 from torch_arena._bench._measure import t95
 from torch_arena._bench._run import summarize
 
-TRANSPORTS = ["stock", "ring", "pool", _bench.DATASET_ONLY]
+TRANSPORTS = ["stock", "ring", "ring-fixed", "pool", _bench.DATASET_ONLY]
+RINGS = ("ring", "ring-fixed")
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,29 @@ def test_result_fields_are_sane(results, transport):
 
 
 def test_arena_rows_went_through_the_arena(results):
-    for transport in ("ring", "pool"):
+    for transport in (*RINGS, "pool"):
         assert results[transport].arena_batches > results[transport].batches
         assert results[transport].arena_high_water >= 1
     assert results["stock"].arena_batches == 0
     assert results[_bench.DATASET_ONLY].worker_cpu_ms > 0  # making the payload costs CPU
+
+
+def test_ring_rows_restore_into_recycled_private_buffers(results):
+    for transport in RINGS:
+        r = results[transport]
+        # every arena batch was copied out; the batches die each step, so the
+        # buffers come back: a handful mapped anew, the rest recycled
+        assert r.private_fresh + r.private_reused >= r.arena_batches
+        assert 1 <= r.private_fresh <= 8 and r.private_reused > r.batches
+    for transport in ("stock", "pool"):  # nothing copied out
+        assert results[transport].private_fresh == results[transport].private_reused == 0
+
+
+def test_ring_targets_are_judged_for_both_rings(results):
+    names = [name for name, _, _ in _bench.check_targets(list(results.values()))]
+    for transport in RINGS:
+        assert f"{transport} main CPU <= 0.5x stock's, numpy 1 MiB" in names
+        assert f"{transport} main CPU <= 1.3x memcpy, numpy 1 MiB" in names
 
 
 def test_dataset_cost_is_subtracted_from_its_own_kind_and_size_only():

@@ -21,12 +21,13 @@ def _quiet(_line: str) -> None:
 
 @pytest.fixture(scope="module")
 def matrix():
-    rows = _sizing_run.run_matrix([1 / 16, 2.0], windows=2, progress=_quiet)
+    transports = (*_sizing.TRANSPORTS, _sizing.RING)
+    rows = _sizing_run.run_matrix([1 / 16, 2.0], windows=2, progress=_quiet, transports=transports)
     return {(r["size"], r["transport"]): r for r in rows}
 
 
 @pytest.mark.parametrize("size", ["64 KiB", "2 MiB"])
-@pytest.mark.parametrize("transport", _sizing.TRANSPORTS)
+@pytest.mark.parametrize("transport", (*_sizing.TRANSPORTS, _sizing.RING))
 def test_matrix_rows_are_sane(matrix, size, transport):
     r = matrix[(size, transport)]
     assert not r["skipped"], r["skipped"]
@@ -49,6 +50,16 @@ def test_elastic_commits_what_it_holds(matrix):
         r = matrix[(size, "elastic")]
         assert r["committed_x_limit"] <= 1.0, r  # a page-granular sizing, not 6 x 64 MiB
         assert r["committed_peak_mib"] < matrix[(size, "fixed")]["committed_peak_mib"]
+
+
+def test_ring_rows_count_the_private_copies(matrix):
+    for size in ("64 KiB", "2 MiB"):
+        r = matrix[(size, _sizing.RING)]
+        assert r["private_fresh"] >= 1 and r["private_reused"] > r["batches"]  # recycled, not mapped anew
+        assert r["private_kept"] > 0
+        names = [name for name, _, _ in _sizing_report.check_targets({"matrix": [r]})]
+        assert names == [f"ring 0 fallbacks, {size}", f"ring committed <= 1.25 x held + 16 MiB, {size}"]
+    assert "private_kept" not in matrix[("2 MiB", "elastic")]  # zero-copy: nothing kept privately
 
 
 def test_epoch_scenarios():

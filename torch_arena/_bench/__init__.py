@@ -122,6 +122,9 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="timed windows per configuration")
     p.add_argument("--workers", type=int, default=WORKERS)
     p.add_argument("--slots", type=int, default=0, help="arena units (default: the loader's own)")
+    p.add_argument(
+        "--touch", action="store_true", help="the main loop reads one byte of every page of each batch"
+    )
     p.add_argument("--item-sleep-ms", type=float, default=0.0, help="the dataset sleeps this long per item")
     p.add_argument("--pss-interval", type=float, default=0.1, help="seconds between memory samples")
     p.add_argument(
@@ -169,7 +172,7 @@ def cli(
         workers=args.workers,
         slots=args.slots,
         item_sleep_ms=args.item_sleep_ms,
-        **fields,
+        **{"touch": args.touch, **fields},
     )
     print(f"{len(configs)} configurations, each in a fresh process; {machine_line(configs)}", flush=True)
     results = run_matrix(

@@ -9,7 +9,10 @@ ITEM_KINDS = ("bytes", "numpy", "torch", "packets")
 #: Batches of 8 tensor samples stacked by default_collate.
 COLLATED_KIND = "torch-x8"
 KINDS = (*ITEM_KINDS, COLLATED_KIND)
-TRANSPORTS = ("stock", "ring", "pool")
+#: ``ring``: ``arena="ring"`` (the elastic ring); ``ring-fixed``: a user-made
+#: :class:`~torch_arena.SharedMemoryRingBuffer` of the same budget (SPDL's fixed ring).
+RING_FIXED = "ring-fixed"
+TRANSPORTS = ("stock", "ring", RING_FIXED, "pool")
 SPDL = "spdl-pool"
 DATASET_ONLY = "dataset-only"
 ALL_TRANSPORTS = (*TRANSPORTS, SPDL, DATASET_ONLY)
@@ -20,7 +23,6 @@ PREFETCH = 2
 _UNIT_SLACK = 64 << 10
 #: Length of the (virtual) datasets: iteration stops after the timed windows.
 _ENDLESS = 1 << 40
-
 
 
 # -- configuration and result ----------------------------------------------------
@@ -89,6 +91,10 @@ class Result:
     fallbacks: int = 0
     arena_high_water: int = 0
     """Most arena units in use at once."""
+    private_fresh: int = 0
+    """Copy-out restores into freshly mapped private buffers (main process, whole run)."""
+    private_reused: int = 0
+    """Copy-out restores into recycled private buffers (main process, whole run)."""
     wait_ms: float = 0.0
     step_cpu_ms: float = 0.0
     """CPU of the simulated step's matmuls (main thread)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._config import _ENDLESS, _UNIT_SLACK, DATASET_ONLY, PREFETCH, SPDL, Config
+from ._config import _ENDLESS, _UNIT_SLACK, DATASET_ONLY, PREFETCH, RING_FIXED, SPDL, Config
 from ._payloads import (
     PayloadDataset,
     base_kind,
@@ -102,18 +102,18 @@ def memcpy_seconds(nbytes: int, reps: int = 7, concurrent: int = 1) -> float:
     return statistics.mean(medians)
 
 
-def matmul_step(reps: int) -> None:
-    """The simulated training step: ``reps`` single-threaded 128x128 matmuls."""
+def matmul_step(reps: int, n: int = 128) -> None:
+    """The simulated training step: ``reps`` single-threaded ``n`` x ``n`` matmuls."""
     import torch
 
-    a = _STEP_OPERANDS.get("a")
+    a = _STEP_OPERANDS.get(n)
     if a is None:
-        a = _STEP_OPERANDS["a"] = torch.randn(128, 128)
+        a = _STEP_OPERANDS[n] = torch.randn(n, n)
     for _ in range(reps):
         torch.mm(a, a)
 
 
-_STEP_OPERANDS: dict[str, Any] = {}
+_STEP_OPERANDS: dict[int, Any] = {}
 
 
 def touch_pages(obj: Any) -> int:
@@ -133,17 +133,18 @@ def touch_pages(obj: Any) -> int:
     return int(flat[::4096].sum())
 
 
-def calibrate_step(step_ms: float) -> int:
-    """Matmul repetitions that take about ``step_ms`` of one core."""
+def calibrate_step(step_ms: float, n: int = 128) -> int:
+    """Repetitions of :func:`matmul_step` (``n`` x ``n``) that take about ``step_ms`` of one core."""
     import torch
 
     torch.set_num_threads(1)
-    matmul_step(50)
+    reps = max(2, round(200 * (128 / n) ** 3))  # about the same time whatever the size
+    matmul_step(max(1, reps // 4), n)
     per = []
     for _ in range(5):
         t0 = time.thread_time()
-        matmul_step(200)
-        per.append((time.thread_time() - t0) / 200)
+        matmul_step(reps, n)
+        per.append((time.thread_time() - t0) / reps)
     return max(1, round(step_ms / 1e3 / statistics.median(per)))
 
 
@@ -207,18 +208,20 @@ def _run_loader(cfg: Config) -> dict[str, Any]:
     arena: Any = None if cfg.transport in ("stock", DATASET_ONLY) else cfg.transport
     unit = -(-(cfg.batch_bytes + _UNIT_SLACK) // 4096) * 4096
     budget = None
-    if arena is not None and cfg.slots:
-        # An arena instance with exactly ``slots`` units of one batch each.
+    slots = cfg.slots or arena_slots(cfg.workers, PREFETCH, False)
+    if arena is not None and (cfg.slots or arena == RING_FIXED):
+        # An arena instance with exactly ``slots`` units of one batch each
+        # (``ring-fixed``: SPDL's fixed ring, one batch per unit the loader keeps).
         from .._pool import SharedMemorySegmentPool
         from .._ring import SharedMemoryRingBuffer
 
         arena = (
-            SharedMemorySegmentPool(unit, cfg.slots, acquire_timeout=60.0)
+            SharedMemorySegmentPool(unit, slots, acquire_timeout=60.0)
             if arena == "pool"
-            else SharedMemoryRingBuffer(unit * cfg.slots, acquire_timeout=60.0)
+            else SharedMemoryRingBuffer(unit * slots, acquire_timeout=60.0)
         )
     elif arena is not None:
-        budget = arena_slots(cfg.workers, PREFETCH, False) * unit  # one batch per slot
+        budget = slots * unit  # one batch per slot
     loader = ArenaDataLoader(
         dataset,
         batch_size=None if samples == 1 else samples,
@@ -244,6 +247,10 @@ def _run_loader(cfg: Config) -> dict[str, Any]:
         if not isinstance(arena, (str, type(None))):
             arena.close()
     out.update(arena_batches=stats.batches, fallbacks=stats.fallbacks, high_water=stats.high_water_units)
+    from .._private import process_buffers
+
+    private = process_buffers().stats()  # copy-out restores: buffers mapped anew vs recycled
+    out.update(private_fresh=private["fresh"], private_reused=private["reused"])
     return out
 
 

@@ -214,6 +214,8 @@ def summarize(cfg: Config, raw: dict[str, Any], peak_pss_mb: float, wall_s: floa
         arena_batches=raw.get("arena_batches", 0),
         fallbacks=raw.get("fallbacks", 0),
         arena_high_water=raw.get("high_water", 0),
+        private_fresh=raw.get("private_fresh", 0),
+        private_reused=raw.get("private_reused", 0),
         wait_ms=raw["wait"] / batches * 1e3,
         step_cpu_ms=raw["step_cpu"] / batches * 1e3,
         touch_ms=raw["touch_cpu"] / batches * 1e3,

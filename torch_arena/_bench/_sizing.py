@@ -31,6 +31,8 @@ from ._measure import _cpu_of, _cpu_self, _timed_windows, memcpy_seconds
 from ._payloads import PayloadDataset
 
 TRANSPORTS = ("stock", "fixed", "elastic")
+#: ``arena="ring"`` with default settings (the elastic ring, copy-out): on request (``--transports``).
+RING = "ring"
 #: The stock loader sending ``0`` for every batch: the floor a transport cannot beat.
 FLOOR = "floor"
 #: 0.1.0's default pool: ``arena_budget // slots`` = 64 MiB per slot, 6 slots.
@@ -109,6 +111,8 @@ def make_arena(transport: str) -> Any:
         return SharedMemorySegmentPool(FIXED_SEGMENT, FIXED_COUNT)
     if transport == "elastic":
         return "pool"
+    if transport == RING:
+        return "ring"
     raise ValueError(f"unknown transport {transport!r}")
 
 
@@ -173,8 +177,17 @@ def arena_figures(loader: Any, transport: str) -> dict[str, Any]:
         "fallback_reason": stats.last_fallback_reason[:300],
     }
     session = loader._arena_session
-    if transport == "elastic" and session is not None:
+    if transport in ("elastic", RING) and session is not None:
         out["committed_kernel"] = session.arena.usage()["committed_bytes"]  # st_blocks, now
+    if transport == RING:  # the copies live in this process's recycled private buffers
+        from .._private import process_buffers
+
+        private = process_buffers().stats()
+        out.update(
+            private_kept=private["busy_bytes"] + private["free_bytes"],
+            private_fresh=private["fresh"],
+            private_reused=private["reused"],
+        )
     return out
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from ._config import MiB
 from ._measure import t95
 from ._run import run_child
-from ._sizing import FLOOR, SIZES, TRANSPORTS, VAR, per_window_for
+from ._sizing import FLOOR, RING, SIZES, TRANSPORTS, VAR, per_window_for
 
 PARTS = ("matrix", "startup", "keep", "epochs", "pipeline")
 _SIZING = "torch_arena._bench._sizing"
@@ -102,14 +102,20 @@ def matrix_row(raw: dict[str, Any]) -> dict[str, Any]:
         "peak_pss_mb": raw["peak_pss_mb"],
         "noise_pct": raw["noise_pct"],
         "skipped": "",
+        **{k: raw[k] for k in ("private_kept", "private_fresh", "private_reused") if k in raw},
     }
 
 
-def run_matrix(sizes: Sequence[float | str], windows: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
+def run_matrix(
+    sizes: Sequence[float | str],
+    windows: int,
+    progress: Callable[[str], None],
+    transports: Sequence[str] = TRANSPORTS,
+) -> list[dict[str, Any]]:
     """The sizing matrix; the transport that runs first rotates with the size."""
     rows = []
     for k, size in enumerate(sizes):
-        for transport in _rotated(TRANSPORTS, k):
+        for transport in _rotated(transports, k):
             payload = {"size": size, "transport": transport, "windows": windows, "per_window": per_window_for(size)}
             rows.append(matrix_row(_run(f"{_SIZING}:measure_size", payload, progress, f"{size_label(size)} {transport}")))
     return rows
@@ -172,6 +178,13 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--sizes", nargs="+", default=None, help="matrix batch sizes in MiB, or 'var' (default: 0.0625 1 32 160 600 var)"
     )
+    p.add_argument(
+        "--transports",
+        nargs="+",
+        choices=(*TRANSPORTS, RING),
+        default=None,
+        help=f"matrix transports (default: {' '.join(TRANSPORTS)}; {RING}: arena='ring', the elastic ring)",
+    )
     p.add_argument("--windows", type=int, default=None, help="timed windows per matrix configuration (default 4)")
     p.add_argument("--reps", type=int, default=None, help="repetitions of the start-up and pipeline A/Bs (default 3)")
     p.add_argument(
@@ -206,7 +219,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m torch_arena be
 
     results: dict[str, Any] = {}
     if "matrix" in parts:
-        results["matrix"] = run_matrix(sizes, windows, progress)
+        results["matrix"] = run_matrix(sizes, windows, progress, args.transports or TRANSPORTS)
     if {"startup", "keep", "epochs"} & set(parts):
         epochs = run_epochs(parts, reps, args.quick, progress)
         results.update({k: v for k, v in epochs.items() if k in parts})
