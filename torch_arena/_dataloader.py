@@ -30,6 +30,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter, _MultiProcessingDat
 
 from ._codec import DEFAULT_THRESHOLD
 from ._memory import parse_bytes
+from ._restore import start_restore_thread
 from ._session import ArenaSession, ArenaStats, arena_slots, make_arena, warn_if_pool_too_small
 from ._worker import ArenaCollate
 
@@ -309,4 +310,14 @@ class ArenaIteratorMixin:
 
 
 class _ArenaMultiProcessingDataLoaderIter(ArenaIteratorMixin, _MultiProcessingDataLoaderIter):
-    """torch's multi-process iterator; workers run an :class:`ArenaCollate`."""
+    """torch's multi-process iterator; workers run an :class:`ArenaCollate`.
+
+    With a copy-out arena (a ring) and no pin-memory thread, batches are
+    restored in a thread of their own, so the copy overlaps the training step
+    (see :mod:`torch_arena._restore`).
+    """
+
+    def __init__(self, loader: ArenaDataLoader) -> None:
+        super().__init__(loader)
+        if not self._pin_memory and not self._arena_session.reader.zero_copy:
+            start_restore_thread(self)
