@@ -152,3 +152,58 @@ def test_loader_ring_moves_600_mib_batches_with_default_settings():
     assert stats.fallbacks == 0 and stats.batches == 4
     loader.release_arena()
     collect()
+
+
+class Numbered(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        if i == 17:
+            raise KeyError(f"no item {i}")
+        return torch.full((64, 1024), float(i))
+
+
+def restore_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "torch_arena-restore" and t.is_alive()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [False, True])
+def test_ring_loader_restores_in_its_own_thread_like_torch(persistent):
+    """The ring's copy runs in a restore thread (so it overlaps the step): batches in
+    order, a worker's exception re-raised with its type for its batch, iteration
+    goes on, and the thread stops with the iterator."""
+    import gc
+    import time
+
+    loader = ta.ArenaDataLoader(Numbered(), batch_size=2, num_workers=2, arena="ring", persistent_workers=persistent)
+    for _ in range(2):
+        it = iter(loader)
+        assert it._pin_memory_thread.name == "torch_arena-restore"
+        got = []
+        with pytest.raises(KeyError, match="no item 17"):
+            for b in it:
+                got.append(int(b[0, 0, 0]))
+        got += [int(b[0, 0, 0]) for b in it]  # after the failed batch, iteration goes on
+        assert got == [i for i in range(0, 24, 2) if i != 16]
+        assert not inside_arena(loader._arena_session.arena, b)
+    assert loader.arena_stats.fallbacks == 0 and loader.arena_stats.batches == 22
+    del it, b
+    loader.release_arena()
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while restore_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not restore_threads()
+
+
+@pytest.mark.slow
+def test_zero_copy_loader_starts_no_restore_thread():
+    loader = ta.ArenaDataLoader(Numbered(), batch_size=2, num_workers=2, arena="pool")
+    it = iter(loader)
+    assert next(it) is not None and not hasattr(it, "_pin_memory_thread")
+    del it
+    loader.release_arena()
