@@ -92,9 +92,9 @@ class ElasticReader:
         self._open: dict[int, ElasticUnit] = {}
 
     def reset(self) -> None:
-        """Views kept from earlier iterations stay valid; units whose views are
-        all gone but whose release never ran (an interrupt) are freed."""
-        self.tracker.sweep()
+        """Nothing to do: views kept from earlier iterations stay valid, and
+        every drain of the leases (see :mod:`torch_arena._lease`) finds the
+        units whose views are gone, whatever was interrupted before."""
 
     def open_unit(self, span: int) -> ElasticUnit:
         """Claim the committed unit ``span`` for reading."""

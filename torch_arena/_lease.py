@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from ._sync import current_pid
+from ._sync import current_pid, holds_arena_lock
 
 __all__ = ["LeaseTracker", "flush", "reap_now"]
 
@@ -87,7 +87,14 @@ class _Reaper:
             self.drain()
 
     def drain(self) -> None:
-        """Release every unit all of whose anchors are dead, then forget them."""
+        """Release every unit all of whose anchors are dead, then forget them.
+
+        Does nothing in a thread that holds an arena lock (the garbage
+        collector can run an object's ``__del__`` inside an arena call, and the
+        locks are not reentrant): the next drain does it.
+        """
+        if holds_arena_lock():
+            return
         q = self.queue
         while True:
             try:
@@ -203,7 +210,3 @@ class LeaseTracker:
     def held(self) -> int:
         """How many units this process still holds leases on."""
         return len(self._refs)
-
-    def sweep(self) -> None:
-        """Release now what died (see :func:`flush`)."""
-        flush()

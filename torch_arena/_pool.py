@@ -328,9 +328,9 @@ class PoolReader:
         self._open: dict[int, PoolUnit] = {}
 
     def reset(self) -> None:
-        """Views kept from earlier iterations stay reserved; segments whose views
-        are all gone but whose release never ran (an interrupt) are freed."""
-        self.tracker.sweep()
+        """Nothing to do: views kept from earlier iterations stay reserved, and
+        every drain of the leases (see :mod:`torch_arena._lease`) finds the
+        segments whose views are gone, whatever was interrupted before."""
 
     def open_unit(self, span: int) -> PoolUnit:
         """Claim the committed unit ``span`` for reading."""

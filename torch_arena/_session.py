@@ -154,7 +154,7 @@ class ArenaSession:
         """
         self._dead_workers.update(p for p in pids if p)
         if self._reader is not None and self._reader_pid == current_pid():
-            self._reader.reset()  # frees segments whose release an interrupt lost
+            self._reader.reset()
         reclaim = getattr(self.arena, "reclaim", None)
         if reclaim is None or self.arena.closed or not self._dead_workers:
             return

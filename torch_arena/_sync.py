@@ -22,7 +22,7 @@ import os
 import select
 import threading
 
-__all__ = ["ProcessLock", "Wakeup", "current_pid", "pid_alive"]
+__all__ = ["ProcessLock", "Wakeup", "current_pid", "holds_arena_lock", "pid_alive"]
 
 _WAIT_SLICE_S = 0.05
 _pid = os.getpid()
@@ -34,6 +34,16 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_held = threading.local()
+
+
+def holds_arena_lock() -> bool:
+    """Whether this thread holds some arena's lock right now (code that the
+    garbage collector can run inside an arena call checks it: the locks are
+    not reentrant)."""
+    return getattr(_held, "depth", 0) > 0
 
 
 def current_pid() -> int:
@@ -84,6 +94,7 @@ class ProcessLock:
         except BaseException:
             self._thread_lock.release()
             raise
+        _held.depth = getattr(_held, "depth", 0) + 1
 
     def try_acquire_thread(self) -> bool:
         """Take the lock only if no thread of this process holds it right now."""
@@ -95,10 +106,12 @@ class ProcessLock:
         except BaseException:
             self._thread_lock.release()
             raise
+        _held.depth = getattr(_held, "depth", 0) + 1
         return True
 
     def release(self) -> None:
         """Release a lock taken with :meth:`acquire` or :meth:`try_acquire_thread`."""
+        _held.depth = getattr(_held, "depth", 1) - 1
         try:
             if self._use_flock:
                 fcntl.flock(self._ofd, fcntl.LOCK_UN)

@@ -318,11 +318,15 @@ def gc_reentry(kind: str) -> None:
     garbage = AbandonedIterator()
     garbage.cycle = garbage
     del garbage
+    # A restored batch whose last view dies in the locked section too: its lease
+    # is outstanding when the collector runs there.
+    kept = [ta.restore(ta.offload(np.ones(30_000, np.uint8), arena.open_writer()), session.reader)]
     real = _sync.ProcessLock.acquire
 
     def acquire_then_collect(self) -> None:
         real(self)
         _sync.ProcessLock.acquire = real
+        kept.clear()
         gc.collect()  # as if an allocation in the locked section triggered it
 
     _sync.ProcessLock.acquire = acquire_then_collect

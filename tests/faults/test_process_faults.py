@@ -35,7 +35,7 @@ def test_ctrl_c(scenario, kind):
     report.assert_clean()
 
 
-@pytest.mark.parametrize("kind", ["pool", "ring"])
+@pytest.mark.parametrize("kind", ["pool", "elastic", "ring"])
 def test_gc_reentry_does_not_deadlock(scenario, kind):
     """An abandoned iterator collected inside one of this thread's arena calls
     defers returning its dead workers' units instead of deadlocking."""
