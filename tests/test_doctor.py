@@ -106,8 +106,8 @@ def test_recommended_sizes_fit_the_batch_in_every_backend():
     arenas = [
         ta.SharedMemorySegmentPool(rec["segment_size"], rec["count"]),
         ta.SharedMemoryRingBuffer(rec["ring_capacity"]),
-        make_arena("pool", None, rec["slots"], 0.0),
-        make_arena("ring", None, rec["slots"], 0.0),
+        make_arena("pool", None, 0.0),
+        make_arena("ring", None, 0.0),
     ]
     assert isinstance(arenas[3], ta.SharedMemoryElasticRing)
     assert isinstance(arenas[2], ta.SharedMemoryElasticPool)

@@ -204,7 +204,7 @@ class ArenaDataLoader(DataLoader):
             session = None
         if session is None:
             if isinstance(self.arena, str):
-                arena = make_arena(self.arena, self.arena_budget, slots, self.arena_timeout)
+                arena = make_arena(self.arena, self.arena_budget, self.arena_timeout)
                 session = ArenaSession(arena, owned=True, slots=slots)
             else:
                 warn_if_pool_too_small(self.arena, slots)

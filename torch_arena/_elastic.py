@@ -243,7 +243,7 @@ class SharedMemoryElasticPool(ArenaBase):
         mapping = state.mapping
         try:
             for start, length in marked:
-                mapping.release(state.header_bytes + start, length)
+                mapping.release(state_offset(state, start), length)
         finally:
             with state.locked() as header:
                 _tables(state, header).extents.finish_trim(marked, current_pid())
@@ -313,7 +313,8 @@ class SharedMemoryElasticPool(ArenaBase):
                 self._drop_unit(header, int(slot), punch=True)
                 reclaimed += 1
         for row in extents.rows_in(TRIM):
-            if not pid_alive(int(extents.owner[row])):
+            # finish_trim coalesces: a row of this snapshot may have been merged away.
+            if extents.state[row] == TRIM and not pid_alive(int(extents.owner[row])):
                 self.state.mapping.release(state_offset(self.state, int(extents.start[row])), int(extents.length[row]))
                 extents.finish_trim([(int(extents.start[row]), 0)], int(extents.owner[row]))
                 reclaimed += 1

@@ -68,10 +68,10 @@ def arena_slots(num_workers: int, prefetch_factor: int, pin_memory: bool) -> int
     return num_workers * prefetch_factor + HELD_BATCHES + (1 if pin_memory else 0)
 
 
-def make_arena(kind: str, budget: int | None, slots: int, timeout: float) -> Any:
+def make_arena(kind: str, budget: int | None, timeout: float) -> Any:
     """The arena a loader makes: an elastic pool (``"pool"``: zero-copy) or an
     elastic ring (``"ring"``: copy-out), capped at ``budget`` (default: half the
-    memory available). ``slots`` is kept for the signature's callers."""
+    memory available)."""
     if kind == "pool":
         return SharedMemoryElasticPool(budget, acquire_timeout=timeout)
     return SharedMemoryElasticRing(budget, acquire_timeout=timeout)

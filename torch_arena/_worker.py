@@ -203,8 +203,7 @@ class ArenaCollate:
                 "batches in flight or still alive in the training loop, and none was released "
                 f"within arena_timeout={self.timeout:g} s: keep fewer batches alive (copy what you "
                 f"keep with .clone()), raise arena_budget (e.g. arena_budget='"
-                f"{format_bytes(2 * arena.max_bytes).replace(' ', '').replace('.0', '')}'), or raise "
-                "arena_timeout"
+                f"{-(-2 * arena.max_bytes // (1 << 20))}MiB'), or raise arena_timeout"
             )
         if isinstance(exc, ArenaSpaceTimeout):
             return (

@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from torch_arena._memory import parse_bytes
+
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 
@@ -29,6 +31,8 @@ def test_held_batches_reach_the_elastic_cap_then_fall_back(scenario):
     message = warnings[0]["message"]
     for needle in ("at its budget (arena_budget=", "keep fewer batches alive", "raise arena_budget", "arena_timeout"):
         assert needle in message, (needle, message)
+    advised = re.search(r"arena_budget='([^']+)'", message).group(1)
+    assert parse_bytes(advised, "arena_budget") >= 2 * 6 * (4 * (64 << 10) + 8192)  # usable as given
     assert res["seconds"] < 10, "one timeout, not one per batch"
 
 
