@@ -22,6 +22,7 @@ import numpy as np
 
 from ._base import ALIGN, ArenaSpaceTimeout, CopyingWriter, align_up
 from ._lease import flush as flush_leases
+from ._lease import reap_now
 from ._memory import PAGE_SIZE, commit_range, format_bytes
 from ._sync import current_pid
 
@@ -60,6 +61,7 @@ class ElasticWriter(CopyingWriter):
             raise RuntimeError("begin_unit: a unit is already open; commit_unit() or abort_unit() it first")
         self._timeout = self._pool.acquire_timeout if timeout is None else timeout
         self.last_wait_seconds = 0.0
+        reap_now()  # views this process dropped free their space first: it is reused warm
         self._slot, self._gen = self._wait_for(self._new_unit_or_none, "a unit slot")
         self._extents, self._used, self._unit_bytes = [], 0, 0
 

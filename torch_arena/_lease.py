@@ -77,7 +77,7 @@ class _Reaper:
         q = self.queue
         while True:
             try:
-                q.get(timeout=_SWEEP_S)
+                q.put(q.get(timeout=_SWEEP_S))  # wait for a death, and leave the hint for reap_now
             except queue.Empty:
                 if not self.entries:
                     continue  # nothing outstanding: a periodic look finds nothing

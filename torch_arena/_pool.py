@@ -112,7 +112,7 @@ class SharedMemorySegmentPool(ArenaBase):
         state = self.state
         pid = current_pid()
         start = time.monotonic()
-        flush_leases()
+        reap_now()  # segments whose views this process dropped are free first
         while True:
             with state.locked() as header:
                 if state.shut_down:
