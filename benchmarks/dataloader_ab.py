@@ -12,14 +12,14 @@ Two cases, 32 MiB per batch:
 
 Reports MB/s (mean, 95% CI over windows), main-process CPU per batch and worker
 CPU per batch (psutil on the worker pids while they are alive; cross-checked
-against RUSAGE_CHILDREN after they are joined). Method: :mod:`torch_arena._bench`.
+against RUSAGE_CHILDREN after they are joined). Method: :mod:`torch_arena._tools.bench`.
 
     python benchmarks/dataloader_ab.py [--quick] [--out DIR]
 """
 
 import sys
 
-from torch_arena._bench import COLLATED_KIND, DATASET_ONLY, cli
+from torch_arena._tools.bench import COLLATED_KIND, DATASET_ONLY, cli
 
 if __name__ == "__main__":
     results, _ = cli(

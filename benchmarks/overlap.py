@@ -15,10 +15,10 @@ the feeder thread), ``pool`` (``arena="pool"``, zero-copy), and as a control
 otherwise: 2 workers, ``prefetch_factor=2``, no ``arena_budget``.
 
 The training step reads one byte of every page of the batch, then runs
-single-threaded ``n × n`` matmuls (:func:`~torch_arena._bench._measure.matmul_step`) calibrated to ``--step-ms`` of one core:
+single-threaded ``n × n`` matmuls (:func:`~torch_arena._tools.bench._measure.matmul_step`) calibrated to ``--step-ms`` of one core:
 ``--step-n 128`` (many short ops, the Python loop holds the GIL between them)
 or ``--step-n 512`` (few long ops that release it). Per configuration, in a
-fresh process (:func:`torch_arena._bench._run.run_child`): steps/s per window
+fresh process (:func:`torch_arena._tools.bench._run.run_child`): steps/s per window
 (mean, 95 % CI), time the loop waits for a batch, main-process CPU per step
 (all threads, the feeder's included), the step's own CPU (main thread), the
 CPU of ``next()`` (the restore: in the main thread or the feeder), and the
@@ -40,8 +40,8 @@ import threading
 import time
 from typing import Any
 
-from torch_arena._bench._config import COLLATED_KIND, MiB, PREFETCH, WORKERS
-from torch_arena._bench._measure import (
+from torch_arena._tools.bench._config import COLLATED_KIND, MiB, PREFETCH, WORKERS
+from torch_arena._tools.bench._measure import (
     _cpu_of,
     _cpu_self,
     calibrate_step,
@@ -50,8 +50,8 @@ from torch_arena._bench._measure import (
     t95,
     touch_pages,
 )
-from torch_arena._bench._payloads import PayloadDataset, base_kind, samples_per_batch
-from torch_arena._bench._run import run_child
+from torch_arena._tools.bench._payloads import PayloadDataset, base_kind, samples_per_batch
+from torch_arena._tools.bench._run import run_child
 
 TRANSPORTS = ("stock", "ring", "ring-thread", "pool")
 CONTROL = "stock-thread"

@@ -6,7 +6,7 @@ vs the elastic pool (``arena="pool"``), 2 workers: batches of 64 KiB, 1, 32, 160
 against bytes in flight + held, CPU and wall time to the first batch, steady-state MB/s
 and CPU per batch); short epochs with start-up; a loop that keeps every batch; a
 working set that shrinks; and the JPEG pipeline. Every measurement runs in a fresh
-process; the harness is :mod:`torch_arena._bench._sizing_run`.
+process; the harness is :mod:`torch_arena._tools.bench._sizing_run`.
 
     python benchmarks/sizing.py                     # everything, ~8 minutes on 2 cores
     python benchmarks/sizing.py --quick             # fewer sizes and repetitions
@@ -18,7 +18,7 @@ under --out (default bench-out/).
 
 import sys
 
-from torch_arena._bench._sizing_run import main
+from torch_arena._tools.bench._sizing_run import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], prog="benchmarks/sizing.py"))

@@ -8,7 +8,7 @@ per step: steps/s, the time the loop waits in ``next()``, main-process CPU
 (all threads) and that CPU minus the step's own (the loader's overhead in the
 training process), and the workers' CPU. 2 workers on a 2-core machine:
 whatever the transport spends competes with the step. Method and harness:
-:mod:`torch_arena._bench`.
+:mod:`torch_arena._tools.bench`.
 
     python benchmarks/training_loop.py [--step-ms 10] [--quick] [--out DIR]
 """
@@ -19,7 +19,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from torch_arena._bench import COLLATED_KIND, Result, calibrate_step, cli
+from torch_arena._tools.bench import COLLATED_KIND, Result, calibrate_step, cli
 
 
 def format_training_table(results: Sequence[Result]) -> str:

@@ -4,7 +4,7 @@ payload kind {bytes, numpy, torch, packets, torch-x8 (8 collated samples)} x
 batch size {2, 8, 32 MiB} x transport {stock (torch's own), ring, pool}, plus
 SPDL's segment pool as a peer and a dataset-only run per row (the cost of
 making the payload). Every configuration runs in a fresh process; the harness
-and the method are in :mod:`torch_arena._bench`.
+and the method are in :mod:`torch_arena._tools.bench`.
 
     python benchmarks/transport.py                 # full matrix, ~10 minutes on 2 cores
     python benchmarks/transport.py --quick         # 32 MiB only, shorter windows
@@ -15,7 +15,7 @@ Writes DIR/transport.csv, DIR/transport.txt (table, targets) and DIR/transport.p
 
 import sys
 
-from torch_arena._bench import main
+from torch_arena._tools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], prog="benchmarks/transport.py"))

@@ -256,7 +256,7 @@ def in_child(fn) -> int:
 def collect() -> None:
     """Run the garbage collector, then release what it freed (what the lease
     reaper thread does a moment later), so a test can read arena state at once."""
-    from torch_arena._lease import flush
+    from torch_arena._arena.leases import flush
 
     gc.collect()
     flush()

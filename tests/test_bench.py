@@ -11,10 +11,10 @@ import pytest
 
 pytest.importorskip("psutil")
 
-from torch_arena import _bench
-from torch_arena._bench._config import Config, Result
-from torch_arena._bench._measure import t95
-from torch_arena._bench._run import summarize
+from torch_arena._tools import bench as _bench
+from torch_arena._tools.bench._config import Config, Result
+from torch_arena._tools.bench._measure import t95
+from torch_arena._tools.bench._run import summarize
 
 TRANSPORTS = ["stock", "ring", "ring-fixed", "pool", _bench.DATASET_ONLY]
 RINGS = ("ring", "ring-fixed")

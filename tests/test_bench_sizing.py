@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("psutil")
 pytestmark = pytest.mark.filterwarnings("ignore::torch_arena.ArenaFallbackWarning")  # the fixed pool falls back
 
-from torch_arena._bench import _pipeline, _sizing, _sizing_report, _sizing_run
+from torch_arena._tools.bench import _pipeline, _sizing, _sizing_report, _sizing_run
 
 MiB = 1 << 20
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import torch_arena as ta
-from torch_arena import _codec
+from torch_arena._codec import codec as _codec
 from conftest import assert_arena_idle, assert_same, inside_arena, round_trip
 from conftest import zero_copy as is_pool
 

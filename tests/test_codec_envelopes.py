@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_arena as ta
-from torch_arena import _codec
+from torch_arena._codec import codec as _codec
 from conftest import assert_arena_idle, assert_same, round_trip
 from conftest import zero_copy as is_pool
 

@@ -171,7 +171,7 @@ def test_stats_count_waits_fallbacks_and_high_water():
 
 
 def test_session_for_an_arena_not_open_here_says_what_to_do():
-    from torch_arena._session import session_for
+    from torch_arena._loader.session import session_for
 
     with pytest.raises(RuntimeError, match="not open in this process.*read by the process that created"):
         session_for(0x1234)

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import torch_arena as ta
-from torch_arena._doctor import ALIGNMENT_ROOM, recommend
-from torch_arena._memory import PAGE_SIZE
-from torch_arena._session import arena_slots, make_arena
+from torch_arena._tools.doctor import ALIGNMENT_ROOM, recommend
+from torch_arena._os.memory import PAGE_SIZE
+from torch_arena._loader.session import arena_slots, make_arena
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20

@@ -14,9 +14,9 @@ import torch
 
 import torch_arena as ta
 from conftest import collect, crc, inside_arena
-from torch_arena._codec import pack_envelope, parse_envelope
-from torch_arena._lease import flush as flush_leases
-from torch_arena._memory import committed_bytes
+from torch_arena._codec.codec import pack_envelope, parse_envelope
+from torch_arena._arena.leases import flush as flush_leases
+from torch_arena._os.memory import committed_bytes
 
 MiB = 1 << 20
 

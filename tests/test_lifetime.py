@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import torch_arena as ta
-from torch_arena._lease import flush as flush_leases
+from torch_arena._arena.leases import flush as flush_leases
 
 
 def arena_files_held() -> int:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import torch_arena as ta
-from torch_arena import _base, _codec
+from torch_arena._arena import base as _base
+from torch_arena._codec import codec as _codec
 from conftest import arena_bytes_at, assert_same, collect, in_child, inside_arena
 
 KiB = 1024

@@ -11,7 +11,7 @@ import torch
 
 import torch_arena as ta
 from conftest import collect, crc, inside_arena
-from torch_arena._private import PrivateBuffers, process_buffers, size_class
+from torch_arena._arena.private import PrivateBuffers, process_buffers, size_class
 
 MiB = 1 << 20
 

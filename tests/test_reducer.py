@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import torch_arena as ta
-from torch_arena._session import session_for
+from torch_arena._loader.session import session_for
 
 
 def roundtrip(obj):

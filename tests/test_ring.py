@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import torch_arena as ta
-from torch_arena import _codec
+from torch_arena._codec import codec as _codec
 from conftest import assert_same, crc, data_region, in_child, inside_arena
 
 KiB = 1024

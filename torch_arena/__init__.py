@@ -6,17 +6,17 @@ fixed segment pool) or cheap private copies (ring buffer) instead of
 unpickling or mapping fresh memory for every batch.
 """
 
-from ._base import ArenaSpaceTimeout
-from ._codec import DEFAULT_THRESHOLD, RestoreError, offload, restore
-from ._dataloader import ArenaDataLoader
-from ._elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
-from ._handlers import PayloadHandler, register_handler, unregister_handler
-from ._pool import SharedMemorySegmentPool
-from ._reducer import arena_reducer
-from ._reducer import install as install_reducer
-from ._reducer import uninstall as uninstall_reducer
-from ._ring import SharedMemoryRingBuffer
-from ._session import ArenaFallbackWarning, ArenaStats
+from torch_arena._arena.base import ArenaSpaceTimeout
+from torch_arena._codec.codec import DEFAULT_THRESHOLD, RestoreError, offload, restore
+from torch_arena._loader.dataloader import ArenaDataLoader
+from torch_arena._arena.elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
+from torch_arena._codec.handlers import PayloadHandler, register_handler, unregister_handler
+from torch_arena._arena.segment_pool import SharedMemorySegmentPool
+from torch_arena._loader.reducer import arena_reducer
+from torch_arena._loader.reducer import install as install_reducer
+from torch_arena._loader.reducer import uninstall as uninstall_reducer
+from torch_arena._arena.ring_buffer import SharedMemoryRingBuffer
+from torch_arena._loader.session import ArenaFallbackWarning, ArenaStats
 
 __all__ = [
     "DEFAULT_THRESHOLD",

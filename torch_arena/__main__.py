@@ -24,11 +24,11 @@ def main(argv: "list[str] | None" = None) -> int:
     sub.add_parser("doctor", help="platform facts that matter and recommended arena sizes", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
-        from ._demo import main as run
+        from torch_arena._tools.demo import main as run
     elif args.command == "bench":
-        from ._bench import main as run
+        from torch_arena._tools.bench import main as run
     else:
-        from ._doctor import main as run
+        from torch_arena._tools.doctor import main as run
     return int(run(rest) or 0)
 
 

@@ -49,10 +49,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ._codec import DEFAULT_THRESHOLD
-from ._dataloader import ArenaDataLoader
-from .lightning import _release_all  # imports no Lightning package
-from ._rebuild import (
+from torch_arena._codec.codec import DEFAULT_THRESHOLD
+from torch_arena._loader.dataloader import ArenaDataLoader
+from torch_arena.lightning import _release_all  # imports no Lightning package
+from torch_arena._loader.rebuild import (
     ArenaDroppedWarning,
     arena_settings,
     handled_here,

@@ -48,9 +48,9 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from torch.utils.data import DataLoader
 
-from ._codec import DEFAULT_THRESHOLD
-from ._dataloader import ArenaDataLoader
-from ._memory import parse_bytes
+from torch_arena._codec.codec import DEFAULT_THRESHOLD
+from torch_arena._loader.dataloader import ArenaDataLoader
+from torch_arena._os.memory import parse_bytes
 
 __all__ = ["ArenaDataModuleMixin", "ArenaName", "release_trainer_arenas"]
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._dataloader import ArenaDataLoader, ArenaIteratorMixin
+from torch_arena._loader.dataloader import ArenaDataLoader, ArenaIteratorMixin
 
 try:
     from torchdata.stateful_dataloader import StatefulDataLoader

@@ -305,8 +305,8 @@ def gc_reentry(kind: str) -> None:
     """An abandoned iterator collected by the garbage collector while this
     thread is inside an arena call on the same arena (its __del__ returns the
     dead workers' units): deferred, never a self-deadlock."""
-    from torch_arena import _sync
-    from torch_arena._session import ArenaSession
+    from torch_arena._os import sync as _sync
+    from torch_arena._loader.session import ArenaSession
 
     arena = make_arena(kind, 4, 1 << 16)
     session = ArenaSession(arena, owned=False, slots=4)
@@ -627,7 +627,7 @@ class _ShiftingWriter:
 
 def _corrupting_worker_init(mode: str, victim: int):
     def init(worker_id: int) -> None:
-        from torch_arena import _worker
+        from torch_arena._loader import worker as _worker
 
         real_offload, real_pack = _worker.offload_open_unit, _worker.pack_envelope
         state = {"batch": None}

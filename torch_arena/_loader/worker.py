@@ -5,7 +5,7 @@ worker (torch pickles exactly what the collate function returns). It opens a
 unit, collates (straight into the unit for ``default_collate``; otherwise
 runs the user's function and lets the codec copy the result in once),
 commits, and returns an :class:`ArenaBatch` of ~100 bytes. Unpickling that
-object in the training process restores the batch (:mod:`torch_arena._session`).
+object in the training process restores the batch (:mod:`torch_arena._loader.session`).
 
 When a batch cannot go through the arena (it is larger than a segment, the
 ring is full, or every segment is held by the training loop past the
@@ -27,13 +27,13 @@ from torch._C import _error_if_any_worker_fails
 from torch._utils import ExceptionWrapper
 from torch.utils.data._utils.collate import default_collate
 
-from ._base import ArenaSpaceTimeout
-from ._codec import offload_open_unit, pack_envelope
-from ._elastic import SharedMemoryElasticPool
-from ._collate import arena_default_collate, collating_into
-from ._memory import format_bytes
-from ._session import describe_arena, session_for
-from ._sync import current_pid
+from torch_arena._arena.base import ArenaSpaceTimeout
+from torch_arena._codec.codec import offload_open_unit, pack_envelope
+from torch_arena._arena.elastic import SharedMemoryElasticPool
+from torch_arena._loader.collate import arena_default_collate, collating_into
+from torch_arena._os.memory import format_bytes
+from torch_arena._loader.session import describe_arena, session_for
+from torch_arena._os.sync import current_pid
 
 __all__ = ["ArenaBatch", "ArenaCollate", "FallbackBatch"]
 

@@ -3,7 +3,7 @@
 A handler claims one family of objects (:meth:`PayloadHandler.matches`),
 exposes its bytes without copying (:meth:`PayloadHandler.get_buffer`) and
 rebuilds it from arena memory (:meth:`PayloadHandler.from_buffer`). The codec
-(:mod:`torch_arena._codec`) does the single copy in between, and skips even
+(:mod:`torch_arena._codec.codec`) does the single copy in between, and skips even
 that when the bytes already sit in the unit being written (a batch collated
 straight into the arena).
 
@@ -18,7 +18,7 @@ Restore rules (SPDL's, plus what SPDL gets wrong):
   masked array, a numpy scalar or a ``datetime`` reduces to), dict keys and
   set members: always the original type, copied out of the arena, because
   their reconstructor or their hash needs it (:class:`StateBytesHandler`;
-  :mod:`torch_arena._ownership` tells the two apart).
+  :mod:`torch_arena._codec.ownership` tells the two apart).
 * numpy arrays: a view on the pool, a private copy on the ring; any dtype
   numpy can describe without Python objects (structured dtypes keep their
   fields), Fortran order kept, other layouts made C-contiguous.

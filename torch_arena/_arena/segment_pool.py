@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import (
+from torch_arena._arena.base import (
     BACKEND_SLOT,
     FILLED,
     FREE,
@@ -37,10 +37,10 @@ from ._base import (
     check_positive_int,
     check_timeout,
 )
-from ._lease import LeaseTracker, reap_now
-from ._lease import flush as flush_leases
-from ._memory import PAGE_SIZE, format_bytes
-from ._sync import current_pid, pid_alive
+from torch_arena._arena.leases import LeaseTracker, reap_now
+from torch_arena._arena.leases import flush as flush_leases
+from torch_arena._os.memory import PAGE_SIZE, format_bytes
+from torch_arena._os.sync import current_pid, pid_alive
 
 __all__ = ["SharedMemorySegmentPool"]
 
@@ -309,7 +309,7 @@ class PoolUnit:
 
     def finish(self, pinned: "list[object] | tuple[object, ...]" = ()) -> None:
         """The unit is read: free it once the lease and every pinned anchor are gone
-        (see :mod:`torch_arena._lease`: a release is never lost to an interrupt)."""
+        (see :mod:`torch_arena._arena.leases`: a release is never lost to an interrupt)."""
         lease, self.lease = self.lease, None
         if lease is not None:
             self._tracker.hold((self.seg, self.gen), [lease, *pinned])
@@ -329,7 +329,7 @@ class PoolReader:
 
     def reset(self) -> None:
         """Nothing to do: views kept from earlier iterations stay reserved, and
-        every drain of the leases (see :mod:`torch_arena._lease`) finds the
+        every drain of the leases (see :mod:`torch_arena._arena.leases`) finds the
         segments whose views are gone, whatever was interrupted before."""
 
     def open_unit(self, span: int) -> PoolUnit:

@@ -27,8 +27,8 @@ import weakref
 
 import numpy as np
 
-from ._memory import PAGE_SIZE
-from ._sync import current_pid
+from torch_arena._os.memory import PAGE_SIZE
+from torch_arena._os.sync import current_pid
 
 __all__ = ["PrivateBuffers", "size_class"]
 

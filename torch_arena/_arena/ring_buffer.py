@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import (
+from torch_arena._arena.base import (
     BACKEND_SLOT,
     FILLED,
     FREE,
@@ -39,9 +39,9 @@ from ._base import (
     check_positive_int,
     check_timeout,
 )
-from ._memory import format_bytes
-from ._private import process_buffers
-from ._sync import current_pid, pid_alive
+from torch_arena._os.memory import format_bytes
+from torch_arena._arena.private import process_buffers
+from torch_arena._os.sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryRingBuffer"]
 
@@ -312,7 +312,7 @@ class RingUnit:
 
     @staticmethod
     def private_copy(view: np.ndarray) -> np.ndarray:
-        """``view``'s bytes in a recycled private buffer (see :mod:`torch_arena._private`)."""
+        """``view``'s bytes in a recycled private buffer (see :mod:`torch_arena._arena.private`)."""
         return process_buffers().copy_of(view)
 
     def __init__(self, ring: SharedMemoryRingBuffer, span: int, ranges: list[tuple[int, int]]) -> None:

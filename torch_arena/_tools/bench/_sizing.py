@@ -1,5 +1,5 @@
 """The sizing benchmark's measurements, run in a fresh child process each
-(:func:`~torch_arena._bench._run.run_child`).
+(:func:`~torch_arena._tools.bench._run.run_child`).
 
 Three transports: ``stock`` (``arena=None``, torch's own), ``fixed`` (0.1.0's
 default pool: ``SharedMemorySegmentPool(64 MiB, 6)``, one segment per batch the
@@ -10,7 +10,7 @@ loader keeps in flight or held) and ``elastic`` (today's default,
 * :func:`measure_size`: one batch size (or ``var``: padded sequences of a
   random length per batch): main-process CPU and wall time from building the
   loader (and the fixed pool, which 0.1.0 made at ``iter()``) to the first
-  batch, then the steady state (:func:`~torch_arena._bench._measure._timed_windows`),
+  batch, then the steady state (:func:`~torch_arena._tools.bench._measure._timed_windows`),
   fallbacks, committed memory against bytes in flight + held;
 * :func:`measure_epoch`: one short epoch, start-up included (``startup``), or
   a loop that keeps every batch (``keep``, ``list(loader)``);
@@ -106,7 +106,7 @@ def make_arena(transport: str) -> Any:
     if transport == "stock":
         return None
     if transport == "fixed":
-        from .._pool import SharedMemorySegmentPool
+        from torch_arena._arena.segment_pool import SharedMemorySegmentPool
 
         return SharedMemorySegmentPool(FIXED_SEGMENT, FIXED_COUNT)
     if transport == "elastic":
@@ -120,7 +120,7 @@ def make_loader(dataset: Any, transport: str, batch_size: int | None = None) -> 
     """``(loader, arena)``: 2 workers, the transport's arena, defaults otherwise.
     ``floor``: the stock loader whose collate function drops every batch (sends
     ``0``): start-up, making the batches and shut-down, nothing moved."""
-    from .._dataloader import ArenaDataLoader
+    from torch_arena._loader.dataloader import ArenaDataLoader
     from ._measure import _drop_batch
 
     arena = make_arena("stock" if transport == FLOOR else transport)
@@ -180,7 +180,7 @@ def arena_figures(loader: Any, transport: str) -> dict[str, Any]:
     if transport in ("elastic", RING) and session is not None:
         out["committed_kernel"] = session.arena.usage()["committed_bytes"]  # st_blocks, now
     if transport == RING:  # the copies live in this process's recycled private buffers
-        from .._private import process_buffers
+        from torch_arena._arena.private import process_buffers
 
         private = process_buffers().stats()
         out.update(

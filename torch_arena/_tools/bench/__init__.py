@@ -199,7 +199,7 @@ MODES = {
 def main(argv: list[str] | None = None, *, prog: str = "python -m torch_arena bench") -> int:
     """The full A/B transport benchmark: table on stdout, CSV and PNG in ``--out``;
     ``bench sizing [...]`` / ``bench pipeline [...]`` run the sizing benchmark
-    (:mod:`torch_arena._bench._sizing_run`)."""
+    (:mod:`torch_arena._tools.bench._sizing_run`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in MODES:
         from ._sizing_run import main as sizing_main

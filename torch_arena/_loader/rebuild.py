@@ -22,7 +22,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from ._dataloader import ArenaDataLoader
+from torch_arena._loader.dataloader import ArenaDataLoader
 
 __all__ = [
     "ArenaDroppedWarning",
@@ -137,7 +137,7 @@ def rebuild_with_arena(base: DataLoader, settings: Mapping[str, Any]) -> ArenaDa
             kwargs["sampler"] = base.sampler
     stateful = _stateful_class()
     if stateful is not None and type(base) is stateful:
-        from .torchdata import ArenaStatefulDataLoader
+        from torch_arena.torchdata import ArenaStatefulDataLoader
 
         cls: type[ArenaDataLoader] = ArenaStatefulDataLoader
         kwargs["snapshot_every_n_steps"] = base.snapshot_every_n_steps

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from ._sync import current_pid, holds_arena_lock
+from torch_arena._os.sync import current_pid, holds_arena_lock
 
 __all__ = ["LeaseTracker", "flush", "reap_now"]
 

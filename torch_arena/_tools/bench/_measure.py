@@ -200,8 +200,8 @@ def _drop_batch(batch: Any) -> int:
 
 
 def _run_loader(cfg: Config) -> dict[str, Any]:
-    from .._dataloader import ArenaDataLoader
-    from .._session import arena_slots
+    from torch_arena._loader.dataloader import ArenaDataLoader
+    from torch_arena._loader.session import arena_slots
 
     samples = samples_per_batch(cfg.kind)
     dataset = PayloadDataset(base_kind(cfg.kind), cfg.batch_bytes // samples, _ENDLESS, cfg.item_sleep_ms)
@@ -212,8 +212,8 @@ def _run_loader(cfg: Config) -> dict[str, Any]:
     if arena is not None and (cfg.slots or arena == RING_FIXED):
         # An arena instance with exactly ``slots`` units of one batch each
         # (``ring-fixed``: SPDL's fixed ring, one batch per unit the loader keeps).
-        from .._pool import SharedMemorySegmentPool
-        from .._ring import SharedMemoryRingBuffer
+        from torch_arena._arena.segment_pool import SharedMemorySegmentPool
+        from torch_arena._arena.ring_buffer import SharedMemoryRingBuffer
 
         arena = (
             SharedMemorySegmentPool(unit, slots, acquire_timeout=60.0)
@@ -247,7 +247,7 @@ def _run_loader(cfg: Config) -> dict[str, Any]:
         if not isinstance(arena, (str, type(None))):
             arena.close()
     out.update(arena_batches=stats.batches, fallbacks=stats.fallbacks, high_water=stats.high_water_units)
-    from .._private import process_buffers
+    from torch_arena._arena.private import process_buffers
 
     private = process_buffers().stats()  # copy-out restores: buffers mapped anew vs recycled
     out.update(private_fresh=private["fresh"], private_reused=private["reused"])

@@ -1,6 +1,6 @@
 """What the segment pool and the ring buffer share.
 
-An arena is one anonymous memory file (see :mod:`torch_arena._memory`) laid
+An arena is one anonymous memory file (see :mod:`torch_arena._os.memory`) laid
 out as a small header (an ``int64`` table both backends keep their unit states
 in) followed by the data region. :class:`ArenaState` is the per-process side
 of it: descriptors, the mapping, the lock and the wake-up pipe. It is kept
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from ._lease import flush as flush_leases
-from ._memory import PAGE_SIZE, create_memory_file, detach_fd, map_memory_file, share_fd
-from ._sync import ProcessLock, Wakeup, current_pid
+from torch_arena._arena.leases import flush as flush_leases
+from torch_arena._os.memory import PAGE_SIZE, create_memory_file, detach_fd, map_memory_file, share_fd
+from torch_arena._os.sync import ProcessLock, Wakeup, current_pid
 
 MAGIC = 0x5441_5245_4E41_0001  # "TARENA", layout version 1
 # Common header slots (int64 each); backends use slots from BACKEND_SLOT on.

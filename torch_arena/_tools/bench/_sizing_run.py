@@ -1,6 +1,6 @@
 """``python -m torch_arena bench sizing`` / ``bench pipeline``: the plan, the
 runs (each measurement in a fresh, memory-sampled process:
-:func:`~torch_arena._bench._run.run_child`), and the summaries.
+:func:`~torch_arena._tools.bench._run.run_child`), and the summaries.
 
 Parts:
 
@@ -32,7 +32,7 @@ from ._run import run_child
 from ._sizing import FLOOR, RING, SIZES, TRANSPORTS, VAR, per_window_for
 
 PARTS = ("matrix", "startup", "keep", "epochs", "pipeline")
-_SIZING = "torch_arena._bench._sizing"
+_SIZING = "torch_arena._tools.bench._sizing"
 
 
 def size_label(size: float | str) -> str:
@@ -155,7 +155,7 @@ def run_pipeline(out_dir: str, reps: int, batches: int, progress: Callable[[str]
             for transport in _rotated(("stock", "elastic"), rep):
                 payload = {"pipeline": pipeline, "transport": transport, "paths": paths, "batches": batches, "warmup": 2}
                 rows.append(
-                    _run("torch_arena._bench._pipeline:measure_pipeline", payload, progress, f"{pipeline} {transport}")
+                    _run("torch_arena._tools.bench._pipeline:measure_pipeline", payload, progress, f"{pipeline} {transport}")
                 )
     return rows
 

@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from ._memory import PAGE_SIZE, available_memory, create_memory_file, format_bytes
-from ._elastic import default_max_bytes
-from ._session import HELD_BATCHES, arena_slots
+from torch_arena import __version__
+from torch_arena._os.memory import PAGE_SIZE, available_memory, create_memory_file, format_bytes
+from torch_arena._arena.elastic import default_max_bytes
+from torch_arena._loader.session import HELD_BATCHES, arena_slots
 
 __all__ = ["collect_facts", "main", "recommend"]
 

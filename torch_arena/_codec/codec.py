@@ -1,7 +1,7 @@
 """offload / restore: one item as a small envelope plus binaries in an arena.
 
 :func:`offload` pickles the item (protocol 5) with a ``persistent_id`` that
-diverts every large leaf a handler claims (see :mod:`torch_arena._handlers`)
+diverts every large leaf a handler claims (see :mod:`torch_arena._codec.handlers`)
 into the writer's open unit and leaves a small reference in the stream.
 Everything else, nested containers, dataclasses, namedtuples, ints and short
 strings, is pickled inline, so any picklable structure round-trips.
@@ -19,7 +19,7 @@ the threshold.
 
 Bytes-likes follow SPDL's rule only where they are the user's own values; in
 another object's pickled state they come back as their own type (see
-:mod:`torch_arena._ownership`).
+:mod:`torch_arena._codec.ownership`).
 
 Both functions also accept endpoints of any arena that follows SPDL's
 protocol (``write_binary`` / ``read_binary`` / ``end_unit``); torch_arena's own
@@ -37,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _diagnose, _handlers
-from ._diagnose import RestoreError
-from ._ownership import OwnershipPickler
+from torch_arena._codec import diagnose as _diagnose
+from torch_arena._codec import handlers as _handlers
+from torch_arena._codec.diagnose import RestoreError
+from torch_arena._codec.ownership import OwnershipPickler
 
 __all__ = ["offload", "restore", "DEFAULT_THRESHOLD", "RestoreError"]
 
@@ -96,7 +97,7 @@ class _OffloadPickler(OwnershipPickler):
 
     def _inline_storage(self, obj: Any) -> Any:
         """A small CPU storage as raw bytes in the stream (see
-        :func:`~torch_arena._handlers.inline_storage`); the same storage twice
+        :func:`~torch_arena._codec.handlers.inline_storage`); the same storage twice
         (two views of one tensor) gets one reference, so it comes back shared."""
         found = _handlers.inline_storage(obj)
         if found is None:

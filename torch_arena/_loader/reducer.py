@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch.multiprocessing import reductions as torch_reductions
 
-from ._codec import DEFAULT_THRESHOLD, offload_open_unit, pack_envelope
-from ._handlers import NumpyHandler
-from ._session import ArenaSession, session_for
+from torch_arena._codec.codec import DEFAULT_THRESHOLD, offload_open_unit, pack_envelope
+from torch_arena._codec.handlers import NumpyHandler
+from torch_arena._loader.session import ArenaSession, session_for
 
 __all__ = ["arena_reducer", "install", "uninstall"]
 

@@ -3,9 +3,9 @@
 Only two things differ from the stock loader, both at iterator time:
 
 * the collate function each worker runs is wrapped in
-  :class:`~torch_arena._worker.ArenaCollate`, which writes the batch into the
+  :class:`~torch_arena._loader.worker.ArenaCollate`, which writes the batch into the
   arena and returns a small envelope;
-* the loader owns an :class:`~torch_arena._session.ArenaSession` that the
+* the loader owns an :class:`~torch_arena._loader.session.ArenaSession` that the
   envelope finds when it is unpickled in this process, where it restores.
 
 Everything else is torch's own ``_MultiProcessingDataLoaderIter`` (the
@@ -28,11 +28,11 @@ from typing import Any
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _MultiProcessingDataLoaderIter
 
-from ._codec import DEFAULT_THRESHOLD
-from ._memory import parse_bytes
-from ._restore import start_restore_thread
-from ._session import ArenaSession, ArenaStats, arena_slots, make_arena, warn_if_pool_too_small
-from ._worker import ArenaCollate
+from torch_arena._codec.codec import DEFAULT_THRESHOLD
+from torch_arena._os.memory import parse_bytes
+from torch_arena._loader.restore_thread import start_restore_thread
+from torch_arena._loader.session import ArenaSession, ArenaStats, arena_slots, make_arena, warn_if_pool_too_small
+from torch_arena._loader.worker import ArenaCollate
 
 __all__ = ["ArenaDataLoader"]
 
@@ -232,7 +232,7 @@ class ArenaDataLoader(DataLoader):
     def _is_accelerate_prepared(self) -> bool:
         prepared = bool(self.__dict__.get("_is_accelerate_prepared", False))
         if not prepared and self.uses_arena:
-            from ._rebuild import warn_arena_dropped
+            from torch_arena._loader.rebuild import warn_arena_dropped
 
             warn_arena_dropped(self)
         return prepared
@@ -314,7 +314,7 @@ class _ArenaMultiProcessingDataLoaderIter(ArenaIteratorMixin, _MultiProcessingDa
 
     With a copy-out arena (a ring) and no pin-memory thread, batches are
     restored in a thread of their own, so the copy overlaps the training step
-    (see :mod:`torch_arena._restore`).
+    (see :mod:`torch_arena._loader.restore_thread`).
     """
 
     def __init__(self, loader: ArenaDataLoader) -> None:

@@ -3,13 +3,13 @@
 Two readers share it. :class:`ElasticReader` gives the pool's zero-copy
 views. :class:`ElasticCopyReader` gives the ring's semantics over the same
 memory (:class:`~torch_arena.SharedMemoryElasticRing`): every binary is copied
-into recycled private memory (:mod:`torch_arena._private`) and the unit's
+into recycled private memory (:mod:`torch_arena._arena.private`) and the unit's
 extents are free again as soon as it is read.
 
 A restored zero-copy unit holds one *lease* per extent: a ``uint8`` array made straight
 from the mapping, from which every view the codec hands out is sliced, so the
 lease lives while any view does. When the unit is finished the leases (and
-whatever the codec pins) go to a :class:`~torch_arena._lease.LeaseTracker`;
+whatever the codec pins) go to a :class:`~torch_arena._arena.leases.LeaseTracker`;
 the unit's extents become free once all of them are gone. Every binary an
 envelope names is checked against the extents the shared table gives the
 unit, before any memory is touched.
@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ._base import FILLED, HELD
-from ._lease import LeaseTracker, reap_now
-from ._private import process_buffers
-from ._sync import current_pid
+from torch_arena._arena.base import FILLED, HELD
+from torch_arena._arena.leases import LeaseTracker, reap_now
+from torch_arena._arena.private import process_buffers
+from torch_arena._os.sync import current_pid
 
 __all__ = ["ElasticCopyReader", "ElasticReader", "ElasticUnit"]
 
@@ -68,7 +68,7 @@ class ElasticCopyUnit(ElasticUnit):
 
     @staticmethod
     def private_copy(view: np.ndarray) -> np.ndarray:
-        """``view``'s bytes in a recycled private buffer (see :mod:`torch_arena._private`)."""
+        """``view``'s bytes in a recycled private buffer (see :mod:`torch_arena._arena.private`)."""
         return process_buffers().copy_of(view)
 
     def finish(self, pinned: "list[object] | tuple[object, ...]" = ()) -> None:
@@ -93,7 +93,7 @@ class ElasticReader:
 
     def reset(self) -> None:
         """Nothing to do: views kept from earlier iterations stay valid, and
-        every drain of the leases (see :mod:`torch_arena._lease`) finds the
+        every drain of the leases (see :mod:`torch_arena._arena.leases`) finds the
         units whose views are gone, whatever was interrupted before."""
 
     def open_unit(self, span: int) -> ElasticUnit:

@@ -1,6 +1,6 @@
 """``python -m torch_arena demo``: the quick A/B transport comparison.
 
-The transport benchmark of :mod:`torch_arena._bench` on a short matrix (32 MiB
+The transport benchmark of :mod:`torch_arena._tools.bench` on a short matrix (32 MiB
 batches of bytes, numpy arrays, tensors and collated tensor samples; stock vs
 ring vs pool, plus SPDL's pool where installed): a minute or two on 2 cores.
 Prints the table and where the figure went.
@@ -8,7 +8,7 @@ Prints the table and where the figure went.
 
 from __future__ import annotations
 
-from . import _bench
+from torch_arena._tools import bench as _bench
 
 __all__ = ["main"]
 

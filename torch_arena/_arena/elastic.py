@@ -4,7 +4,7 @@ A fixed pool needs two guesses, the largest batch and how many are in flight,
 and holds ``segment_size × count`` whatever the batches are. The elastic pool
 needs neither. Its memory file has a large *virtual* size, free until written,
 mapped once per process (not pre-faulted). Each unit is a list of extents from
-the shared :class:`~torch_arena._extents.ExtentTable`, taken as the codec
+the shared :class:`~torch_arena._arena.extents.ExtentTable`, taken as the codec
 writes binaries: the protocol does not announce a unit's size, so a writer
 takes a chunk at a time (at least the binary, growing with the unit), and
 gives the unused tail back when the unit is committed.
@@ -23,10 +23,10 @@ Memory follows the working set:
 * committed memory never exceeds ``max_bytes``: a writer that needs more
   first gives back warm memory that does not fit its request, then waits up
   to its timeout for units to be released
-  (:class:`~torch_arena._base.ArenaSpaceTimeout`).
+  (:class:`~torch_arena._arena.base.ArenaSpaceTimeout`).
 
 Restores are zero-copy views, one lease per extent; a unit's extents are
-freed when its last view dies (see :mod:`torch_arena._lease`), in any order,
+freed when its last view dies (see :mod:`torch_arena._arena.leases`), in any order,
 never while a view lives. Writers that die mid-unit are reclaimed by the next
 writer that runs out of room.
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import (
+from torch_arena._arena.base import (
     BACKEND_SLOT,
     FILLED,
     FREE,
@@ -51,12 +51,12 @@ from ._base import (
     align_up,
     check_timeout,
 )
-from ._elastic_unit import ElasticCopyReader, ElasticReader
-from ._elastic_writer import ElasticWriter
-from ._extents import BUSY, STATE_NAMES, TRIM, WARM, ExtentTable
-from ._lease import flush as flush_leases
-from ._memory import PAGE_SIZE, available_memory, committed_bytes, parse_bytes
-from ._sync import current_pid, pid_alive
+from torch_arena._arena.elastic_unit import ElasticCopyReader, ElasticReader
+from torch_arena._arena.elastic_writer import ElasticWriter
+from torch_arena._arena.extents import BUSY, STATE_NAMES, TRIM, WARM, ExtentTable
+from torch_arena._arena.leases import flush as flush_leases
+from torch_arena._os.memory import PAGE_SIZE, available_memory, committed_bytes, parse_bytes
+from torch_arena._os.sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryElasticPool", "SharedMemoryElasticRing", "default_max_bytes"]
 
@@ -402,7 +402,7 @@ class SharedMemoryElasticRing(SharedMemoryElasticPool):
 
     Every restore is a private copy (nothing in the consumer points into shared
     memory, so batches the training loop keeps cost no arena space) into
-    recycled private memory (see :mod:`torch_arena._private`), and a unit's
+    recycled private memory (see :mod:`torch_arena._arena.private`), and a unit's
     space is free again as soon as it is read. Memory grows with the batches up
     to ``max_bytes`` and shrinks with them, as for
     :class:`SharedMemoryElasticPool`; a writer blocks (up to

@@ -1,7 +1,7 @@
 """The consumer side of a loader's arena: sizing, restore-on-receipt, statistics.
 
 A batch crosses the worker queue as a tiny object whose unpickling *is* the
-restore (see :mod:`torch_arena._worker`). It is therefore restored exactly
+restore (see :mod:`torch_arena._loader.worker`). It is therefore restored exactly
 once, in whichever thread reads the worker queue (the main thread, or the
 pin-memory thread), and also when torch reads a batch only to drop it
 (iterator reset, persistent workers resuming): the dropped views die and the
@@ -18,12 +18,12 @@ import warnings
 import weakref
 from typing import Any
 
-from ._codec import restore
-from ._elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
-from ._memory import format_bytes
-from ._pool import SharedMemorySegmentPool
-from ._ring import SharedMemoryRingBuffer
-from ._sync import current_pid, pid_alive
+from torch_arena._codec.codec import restore
+from torch_arena._arena.elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
+from torch_arena._os.memory import format_bytes
+from torch_arena._arena.segment_pool import SharedMemorySegmentPool
+from torch_arena._arena.ring_buffer import SharedMemoryRingBuffer
+from torch_arena._os.sync import current_pid, pid_alive
 
 __all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "make_arena"]
 

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ._base import ALIGN, ArenaSpaceTimeout, CopyingWriter, align_up
-from ._lease import flush as flush_leases
-from ._lease import reap_now
-from ._memory import PAGE_SIZE, commit_range, format_bytes
-from ._sync import current_pid
+from torch_arena._arena.base import ALIGN, ArenaSpaceTimeout, CopyingWriter, align_up
+from torch_arena._arena.leases import flush as flush_leases
+from torch_arena._arena.leases import reap_now
+from torch_arena._os.memory import PAGE_SIZE, commit_range, format_bytes
+from torch_arena._os.sync import current_pid
 
 __all__ = ["ElasticWriter", "MAX_GROWTH", "MIN_CHUNK"]
 

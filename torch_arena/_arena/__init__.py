@@ -1,0 +1,1 @@
+"""The arenas: one unit machinery, and the backends that find space for units."""

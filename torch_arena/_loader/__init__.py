@@ -1,0 +1,1 @@
+"""The DataLoader integration: worker-side collate, training-side restore, the loader."""

@@ -1,0 +1,1 @@
+"""Tools: the doctor, the demo and the benchmarks."""
