@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 
 from torch_arena._codec.codec import DEFAULT_THRESHOLD
 from torch_arena._loader.dataloader import ArenaDataLoader
-from torch_arena._os.memory import parse_bytes
+from torch_arena._os.sizes import parse_bytes
 
 __all__ = ["ArenaDataModuleMixin", "ArenaName", "release_trainer_arenas"]
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from torch_arena._os.memory import parse_bytes
+from torch_arena._os.sizes import parse_bytes
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 

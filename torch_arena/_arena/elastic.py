@@ -55,7 +55,9 @@ from torch_arena._arena.elastic_unit import ElasticCopyReader, ElasticReader
 from torch_arena._arena.elastic_writer import ElasticWriter
 from torch_arena._arena.extents import BUSY, STATE_NAMES, TRIM, WARM, ExtentTable
 from torch_arena._arena.leases import flush as flush_leases
-from torch_arena._os.memory import PAGE_SIZE, available_memory, committed_bytes, parse_bytes
+from torch_arena._os.memory import PAGE_SIZE, committed_bytes
+from torch_arena._os.limits import available_memory
+from torch_arena._os.sizes import parse_bytes
 from torch_arena._os.sync import current_pid, pid_alive
 
 __all__ = ["SharedMemoryElasticPool", "SharedMemoryElasticRing", "default_max_bytes"]

@@ -23,7 +23,8 @@ import numpy as np
 from torch_arena._arena.base import ALIGN, ArenaSpaceTimeout, CopyingWriter, align_up
 from torch_arena._arena.leases import flush as flush_leases
 from torch_arena._arena.leases import reap_now
-from torch_arena._os.memory import PAGE_SIZE, commit_range, format_bytes
+from torch_arena._os.memory import PAGE_SIZE, commit_range
+from torch_arena._os.sizes import format_bytes
 from torch_arena._os.sync import current_pid
 
 __all__ = ["ElasticWriter", "MAX_GROWTH", "MIN_CHUNK"]

@@ -39,7 +39,7 @@ from torch_arena._arena.base import (
     check_positive_int,
     check_timeout,
 )
-from torch_arena._os.memory import format_bytes
+from torch_arena._os.sizes import format_bytes
 from torch_arena._arena.private import process_buffers
 from torch_arena._os.sync import current_pid, pid_alive
 

@@ -39,7 +39,8 @@ from torch_arena._arena.base import (
 )
 from torch_arena._arena.leases import LeaseTracker, reap_now
 from torch_arena._arena.leases import flush as flush_leases
-from torch_arena._os.memory import PAGE_SIZE, format_bytes
+from torch_arena._os.memory import PAGE_SIZE
+from torch_arena._os.sizes import format_bytes
 from torch_arena._os.sync import current_pid, pid_alive
 
 __all__ = ["SharedMemorySegmentPool"]

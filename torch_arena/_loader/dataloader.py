@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _MultiProcessingDataLoaderIter
 
 from torch_arena._codec.codec import DEFAULT_THRESHOLD
-from torch_arena._os.memory import parse_bytes
+from torch_arena._os.sizes import parse_bytes
 from torch_arena._loader.restore_thread import start_restore_thread
 from torch_arena._loader.session import ArenaSession, ArenaStats, arena_slots, make_arena, warn_if_pool_too_small
 from torch_arena._loader.worker import ArenaCollate

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch_arena._codec.codec import restore
 from torch_arena._arena.elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
-from torch_arena._os.memory import format_bytes
+from torch_arena._os.sizes import format_bytes
 from torch_arena._arena.segment_pool import SharedMemorySegmentPool
 from torch_arena._arena.ring_buffer import SharedMemoryRingBuffer
 from torch_arena._os.sync import current_pid, pid_alive

@@ -31,7 +31,7 @@ from torch_arena._arena.base import ArenaSpaceTimeout
 from torch_arena._codec.codec import offload_open_unit, pack_envelope
 from torch_arena._arena.elastic import SharedMemoryElasticPool
 from torch_arena._loader.collate import arena_default_collate, collating_into
-from torch_arena._os.memory import format_bytes
+from torch_arena._os.sizes import format_bytes
 from torch_arena._loader.session import describe_arena, session_for
 from torch_arena._os.sync import current_pid
 

@@ -26,125 +26,23 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import secrets
 from multiprocessing import reduction
 
 import numpy as np
 
+from torch_arena._os.limits import available_memory, preflight
+from torch_arena._os.sizes import format_bytes
+
 __all__ = [
-    "available_memory",
     "commit_range",
     "committed_bytes",
     "create_memory_file",
-    "format_bytes",
     "map_memory_file",
-    "parse_bytes",
-    "preflight",
     "share_fd",
 ]
 
 PAGE_SIZE = mmap.PAGESIZE
-
-
-def format_bytes(n: int) -> str:
-    """``n`` bytes as a short human-readable string (``'32.0 MiB'``)."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
-
-
-def parse_bytes(value: object, name: str) -> int:
-    """A positive byte count from an int, an integral float (``1.5e9``) or a
-    string with an optional unit (``"4GiB"``, ``"512 MB"``, ``"1.5e9"``).
-
-    Decimal units (kB, MB, GB, TB) are powers of 1000, binary ones (KiB, MiB,
-    GiB, TiB, and the bare K, M, G, T) powers of 1024. Raises ValueError
-    naming ``name`` and the accepted forms.
-    """
-    number: float | int | None = None
-    if isinstance(value, bool):
-        number = None
-    elif isinstance(value, int):
-        number = value
-    elif isinstance(value, float):
-        number = value if value.is_integer() else None
-    elif isinstance(value, str):
-        match = _SIZE_RE.match(value)
-        if match and match.group(2).lower() in _UNITS:
-            scaled = float(match.group(1)) * _UNITS[match.group(2).lower()]
-            number = scaled if scaled.is_integer() else None
-    if number is None or not number > 0 or number >= 1 << 62:
-        raise ValueError(
-            f"{name} must be a positive number of bytes: an int, an integral float such as "
-            f"1.5e9, or a string such as '4GiB' or '512MB'; got {value!r}"
-        )
-    return int(number)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def available_memory() -> tuple[int | None, str]:
-    """How much memory a new arena can still take, and where the figure came from.
-
-    The smaller of the kernel's ``MemAvailable`` and the headroom left under the
-    memory cgroup's limit (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``).
-    Returns ``(None, reason)`` where neither can be read.
-    """
-    candidates: list[tuple[int, str]] = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    kib = int(line.split()[1])
-                    candidates.append((kib * 1024, "MemAvailable in /proc/meminfo"))
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_path, usage_path, label in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "cgroup v2 memory.max"),
-        (
-            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-            "cgroup v1 memory.limit_in_bytes",
-        ),
-    ):
-        limit, usage = _read_int(limit_path), _read_int(usage_path)
-        if limit is not None and usage is not None and limit < (1 << 60):
-            candidates.append((max(0, limit - usage), label))
-    if not candidates:
-        return None, "no memory figure could be read"
-    return min(candidates)
-
-
-def preflight(nbytes: int, what: str) -> None:
-    """Raise :class:`MemoryError` if ``nbytes`` clearly cannot be reserved now."""
-    available, source = available_memory()
-    if available is not None and nbytes > available:
-        raise MemoryError(
-            f"torch_arena: cannot reserve {format_bytes(nbytes)} of shared memory for "
-            f"{what}: only {format_bytes(available)} is available ({source}). "
-            "Make the arena smaller (segment_size × count, capacity, or arena_budget)."
-        )
 
 
 def create_memory_file(nbytes: int, what: str, *, reserve: int | None = None) -> int:

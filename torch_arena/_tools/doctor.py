@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from torch_arena import __version__
-from torch_arena._os.memory import PAGE_SIZE, available_memory, create_memory_file, format_bytes
+from torch_arena._os.memory import PAGE_SIZE, create_memory_file
+from torch_arena._os.limits import available_memory
+from torch_arena._os.sizes import format_bytes
 from torch_arena._arena.elastic import default_max_bytes
 from torch_arena._loader.session import HELD_BATCHES, arena_slots
 
