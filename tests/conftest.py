@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import collections
 import gc
+import multiprocessing
 import os
 import warnings
 import time
@@ -21,6 +22,13 @@ import pytest
 import torch
 
 _SHM = "/dev/shm"
+
+# Semaphores this run's processes make get names of their own ("sem.mp-ta<pid>-…"
+# in /dev/shm), so the leftover check counts them and not those of other programs
+# on the machine. Forked children inherit the prefix; spawned ones set it when
+# they import this module (every test module does, through its helpers).
+_SEM_PREFIX = "/mp-ta%d" % int(os.environ.setdefault("TORCH_ARENA_TEST_RUN", str(os.getpid())))
+multiprocessing.current_process()._config["semprefix"] = _SEM_PREFIX
 
 #: Set by ``make test`` (and so CI): every test must run. A skip there means a
 #: broken install (a missing extra, FFmpeg libraries, ``unshare``) and fails;
@@ -101,6 +109,12 @@ def _live_semaphores() -> set[str]:
     return names
 
 
+def _ours(name: str) -> bool:
+    """Whether a /dev/shm entry can be this run's: a semaphore only if it has
+    this run's prefix (other programs' semaphores come and go meanwhile)."""
+    return not name.startswith("sem.mp-") or name.startswith("sem" + _SEM_PREFIX.replace("/", ".") + "-")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_shm_leftovers():
     """The whole session must leave nothing new behind in /dev/shm."""
@@ -110,7 +124,7 @@ def no_shm_leftovers():
     # give a finishing child process a moment before looking
     deadline = time.monotonic() + 5.0
     while True:
-        new = _shm_listing() - before - _live_semaphores()
+        new = {name for name in _shm_listing() - before - _live_semaphores() if _ours(name)}
         if not new or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -122,7 +136,7 @@ def no_shm_leftovers():
 
 def data_region(arena: Any) -> np.ndarray:
     """A ``uint8`` view of the arena's whole data region in this process."""
-    state = arena.state
+    state = arena.file
     return state.mapping.array[state.header_bytes : state.total_bytes]
 
 
@@ -283,7 +297,18 @@ def _small_elastic(unit: int = 1 << 20, units: int = 4) -> Any:
     return ta.SharedMemoryElasticPool(max(256 << 20, unit * units), acquire_timeout=2.0)
 
 
-ARENA_FACTORIES = {"pool": _small_pool, "ring": _small_ring, "elastic": _small_elastic}
+def _small_elastic_ring(unit: int = 1 << 20, units: int = 4) -> Any:
+    import torch_arena as ta
+
+    return ta.SharedMemoryElasticRing(max(256 << 20, unit * units), acquire_timeout=2.0)
+
+
+ARENA_FACTORIES = {
+    "pool": _small_pool,
+    "ring": _small_ring,
+    "elastic": _small_elastic,
+    "elastic-ring": _small_elastic_ring,
+}
 
 
 def zero_copy(arena: Any) -> bool:

@@ -8,6 +8,8 @@ processes are alive.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 
 import torch
@@ -100,3 +102,25 @@ def wait_no_children(before: list[int], seconds: float = 10.0) -> list[int]:
         if not extra or time.monotonic() > deadline:
             return extra
         time.sleep(0.1)
+
+
+def run_tree(cmd: list[str], *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in a session of its
+    own: on timeout the whole process group is killed (torchrun, its ranks and
+    their DataLoader workers), not only ``cmd`` (CPython gh-112275 can hang a
+    rank in ``os.fork``), and the timeout is raised with what was printed."""
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err) from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left behind in its group
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

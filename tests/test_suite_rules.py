@@ -38,3 +38,42 @@ def test_skips_fail_only_when_everything_is_required(pytester, monkeypatch, requ
         assert result.ret == pytest.ExitCode.OK, result.stdout.str()
         assert outcomes.get("skipped") == 2 and outcomes.get("xfailed") == 1, result.stdout.str()
         result.stdout.fnmatch_lines(["*the tool is not installed*"])
+
+
+def test_only_this_runs_semaphores_count_as_leftovers():
+    """Other programs' multiprocessing semaphores come and go in /dev/shm while
+    the suite runs; the leftover check counts only the ones this run made."""
+    import multiprocessing
+
+    from conftest import _ours
+
+    lock = multiprocessing.get_context("spawn").Lock()  # named until collected
+    name = "sem." + lock._semlock.name.lstrip("/")
+    assert _ours(name), name
+    assert not _ours("sem.mp-1a2b3c4d") and not _ours("sem.mp-ta1-xyz")
+    assert _ours("torch_1234_5678")  # anything else new counts
+
+
+def test_a_timed_out_process_tree_is_killed_whole(tmp_path):
+    """A run that times out takes its children with it (a torchrun whose rank
+    hangs must not leave the ranks and their workers running)."""
+    import subprocess
+    import sys
+    import time
+
+    from integration_helpers import run_tree
+    from torch_arena._os.sync import pid_alive
+
+    marker = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+        f"open({str(marker)!r}, 'w').write(str(p.pid)); time.sleep(600)"
+    )
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_tree([sys.executable, "-c", script], timeout=5)
+    grandchild = int(marker.read_text())
+    deadline = time.monotonic() + 10
+    while pid_alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(grandchild)

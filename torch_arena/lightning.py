@@ -48,48 +48,14 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from torch.utils.data import DataLoader
 
-from torch_arena._codec.codec import DEFAULT_THRESHOLD
+from torch_arena._codec.offload import DEFAULT_THRESHOLD
 from torch_arena._loader.dataloader import ArenaDataLoader
-from torch_arena._os.sizes import parse_bytes
+from torch_arena._loader.loader_arena import arena_state, release_all
+from torch_arena._loader.settings import DEFAULT_ARENA_TIMEOUT_S, SETTING_NAMES, ArenaName, ArenaSettings
 
 __all__ = ["ArenaDataModuleMixin", "ArenaName", "release_trainer_arenas"]
 
-ArenaName = Literal["pool", "ring", "none"]
-"""The values ``--data.arena`` accepts; ``"none"`` is torch's stock transport."""
-
-_NAMES = ("pool", "ring", "none")
-_ARENA_KEYS = ("arena", "arena_budget", "arena_overflow", "arena_timeout", "arena_threshold")
 _TRACKED = "_arena_loaders"
-
-
-def _resolve_arena(value: Any, *, where: str, allow_instance: bool = False) -> Optional[Any]:
-    """``"pool"``/``"ring"`` as they are, ``"none"``/``None`` as ``None`` (stock)."""
-    if value is None or value == "none":
-        return None
-    if isinstance(value, str) and value in _NAMES:
-        return value
-    if allow_instance and not isinstance(value, str) and all(
-        hasattr(value, m) for m in ("open_writer", "open_reader")
-    ):
-        return value
-    raise ValueError(
-        f"{where}: arena must be one of 'pool', 'ring' or 'none' (torch's stock transport), "
-        f"got {value!r}"
-    )
-
-
-def _check_settings(where: str, budget: Any, overflow: Any, timeout: Any, threshold: Any) -> None:
-    if budget is not None:
-        try:
-            parse_bytes(budget, "arena_budget")
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    if overflow not in ("fallback", "raise"):
-        raise ValueError(f"{where}: arena_overflow must be 'fallback' or 'raise', got {overflow!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise ValueError(f"{where}: arena_timeout must be a number of seconds >= 0, got {timeout!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise ValueError(f"{where}: arena_threshold must be an int >= 0, got {threshold!r}")
 
 
 class ArenaDataModuleMixin:
@@ -118,7 +84,7 @@ class ArenaDataModuleMixin:
         arena: Optional[ArenaName] = None,
         arena_budget: Optional[Union[int, str]] = None,
         arena_overflow: Literal["fallback", "raise"] = "fallback",
-        arena_timeout: float = 2.0,
+        arena_timeout: float = DEFAULT_ARENA_TIMEOUT_S,
         arena_threshold: int = DEFAULT_THRESHOLD,
         **kwargs: Any,
     ) -> None:
@@ -137,14 +103,21 @@ class ArenaDataModuleMixin:
             arena_threshold: Tensors and arrays smaller than this many bytes
                 travel inline.
         """
-        where = type(self).__name__
-        chosen = type(self).default_arena if arena is None else arena
-        self.arena: Optional[str] = _resolve_arena(chosen, where=where)
-        _check_settings(where, arena_budget, arena_overflow, arena_timeout, arena_threshold)
+        settings = ArenaSettings.from_kwargs(
+            where=type(self).__name__,
+            allow_instance=False,
+            arena=type(self).default_arena if arena is None else arena,
+            arena_budget=arena_budget,
+            arena_overflow=arena_overflow,
+            arena_timeout=arena_timeout,
+            arena_threshold=arena_threshold,
+        )
+        # Public, under the __init__ names (LightningCLI and hparams read them).
+        self.arena: Optional[str] = settings.arena
         self.arena_budget = arena_budget
-        self.arena_overflow = arena_overflow
-        self.arena_timeout = float(arena_timeout)
-        self.arena_threshold = arena_threshold
+        self.arena_overflow = settings.overflow
+        self.arena_timeout = settings.timeout
+        self.arena_threshold = settings.threshold
         super().__init__(*args, **kwargs)
 
     # -- loaders ---------------------------------------------------------------
@@ -163,22 +136,11 @@ class ArenaDataModuleMixin:
         loader), and a plain :class:`~torch.utils.data.DataLoader` when the
         arena is ``"none"``.
         """
-        where = f"{type(self).__name__}.arena_dataloader"
-        settings = {key: getattr(self, key) for key in _ARENA_KEYS}
-        for key in _ARENA_KEYS:
-            if key in dataloader_kwargs:
-                settings[key] = dataloader_kwargs.pop(key)
-        settings["arena"] = _resolve_arena(settings["arena"], where=where, allow_instance=True)
-        _check_settings(
-            where,
-            settings["arena_budget"],
-            settings["arena_overflow"],
-            settings["arena_timeout"],
-            settings["arena_threshold"],
-        )
-        if settings["arena"] is None:
+        chosen = {key: dataloader_kwargs.pop(key, getattr(self, key)) for key in SETTING_NAMES}
+        settings = ArenaSettings.from_kwargs(where=f"{type(self).__name__}.arena_dataloader", **chosen)
+        if not settings.enabled:
             return DataLoader(dataset, **dataloader_kwargs)
-        loader = ArenaDataLoader(dataset, **dataloader_kwargs, **settings)
+        loader = ArenaDataLoader(dataset, **dataloader_kwargs, **settings.as_kwargs())
         self._arena_tracked().add(loader)
         return loader
 
@@ -195,7 +157,7 @@ class ArenaDataModuleMixin:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             loaders.extend(_trainer_arena_loaders(trainer))
-        _release_all(loaders)
+        release_all(loaders)
 
     # -- hooks -------------------------------------------------------------------
 
@@ -256,27 +218,12 @@ def release_trainer_arenas(trainer: Any) -> None:
     (passed straight to ``fit``, or made in a ``LightningModule`` hook): call
     it from your own ``teardown``/``on_exception`` hook or callback.
     """
-    _release_all(_trainer_arena_loaders(trainer))
+    release_all(_trainer_arena_loaders(trainer))
 
 
-def _release_all(loaders: "list[ArenaDataLoader]") -> None:
-    seen: set[int] = set()
-    errors: list[BaseException] = []
-    for loader in loaders:
-        if id(loader) in seen:
-            continue
-        seen.add(id(loader))
-        try:
-            loader.release_arena()
-        except Exception as exc:  # release the others, then report
-            errors.append(exc)
-    if errors:
-        raise errors[0]
-
-
-def _trainer_arena_loaders(trainer: Any) -> "list[ArenaDataLoader]":
-    """ArenaDataLoaders reachable from a trainer of either Lightning package."""
-    found: list[ArenaDataLoader] = []
+def _trainer_arena_loaders(trainer: Any) -> "list[DataLoader]":
+    """Loaders with an arena reachable from a trainer of either Lightning package."""
+    found: list[DataLoader] = []
     sources: list[Any] = []
     # The loops hold the loaders in use (both fit's and validate's val loaders).
     for path in (
@@ -305,13 +252,12 @@ def _trainer_arena_loaders(trainer: Any) -> "list[ArenaDataLoader]":
     return found
 
 
-def _walk(obj: Any, depth: int) -> Iterator[ArenaDataLoader]:
+def _walk(obj: Any, depth: int) -> Iterator[DataLoader]:
     if depth > 8:
         return
-    if isinstance(obj, ArenaDataLoader):
-        yield obj
-    elif isinstance(obj, DataLoader):
-        return
+    if isinstance(obj, DataLoader):
+        if arena_state(obj) is not None:
+            yield obj
     elif isinstance(obj, Mapping):
         for value in obj.values():
             yield from _walk(value, depth + 1)

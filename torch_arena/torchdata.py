@@ -19,12 +19,7 @@ loader whose batches cross through an arena.
 
 It is torchdata's ``StatefulDataLoader`` (its ``state_dict``, worker loop,
 snapshots and fast-forward) with :class:`~torch_arena.ArenaDataLoader`'s
-transport: each worker's collate function writes the batch into the arena and
-sends a small envelope, and the worker's dataset/fetcher state delta rides in
-the same queue message beside it, as torchdata sends it. Batches that
-``load_state_dict`` makes the next iterator fetch and discard while
-fast-forwarding are restored and dropped at once, so their arena space comes
-back before the next one is needed.
+transport (see :mod:`torch_arena._loader.stateful` for how the two meet).
 
 Requires ``torchdata`` (``pip install torch-arena[torchdata]``).
 """
@@ -33,11 +28,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch_arena._loader.dataloader import ArenaDataLoader, ArenaIteratorMixin
+from torch_arena._loader.dataloader import ArenaDataLoader
+from torch_arena._loader.loader_arena import LoaderArena
 
 try:
-    from torchdata.stateful_dataloader import StatefulDataLoader
-    from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter
+    from torch_arena._loader.stateful import StatefulDataLoader, forget_iterator, stateful_iterator
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "torch_arena.torchdata needs torchdata's StatefulDataLoader (torchdata >= 0.10): "
@@ -65,22 +60,16 @@ class ArenaStatefulDataLoader(ArenaDataLoader, StatefulDataLoader):
     def __init__(self, dataset: Any, *args: Any, snapshot_every_n_steps: int | None = 1, **kwargs: Any) -> None:
         super().__init__(dataset, *args, snapshot_every_n_steps=snapshot_every_n_steps, **kwargs)
 
-    def _arena_iterator(self) -> Any:
-        iterator = _ArenaStatefulMultiProcessingDataLoaderIter(self, self.next_iter_state)
-        self.next_iter_state = None  # consumed, as StatefulDataLoader does
-        return iterator
+    def _arena_iterator(self, state: LoaderArena) -> Any:
+        return stateful_iterator(self, state)
 
     def release_arena(self) -> None:
         """Stop this loader's workers and free the arena it made (see
         :meth:`ArenaDataLoader.release_arena`)."""
         super().release_arena()
-        self._initial_iter_for_state_dict = False  # the iterator it refers to is gone
+        forget_iterator(self)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_initial_iter_for_state_dict"] = False  # no iterator travels
         return state
-
-
-class _ArenaStatefulMultiProcessingDataLoaderIter(ArenaIteratorMixin, _StatefulMultiProcessingDataLoaderIter):
-    """torchdata's multi-process iterator; workers run an ArenaCollate."""

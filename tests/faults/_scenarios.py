@@ -331,7 +331,7 @@ def gc_reentry(kind: str) -> None:
 
     _sync.ProcessLock.acquire = acquire_then_collect
     usage = arena.usage() if kind == "ring" else None
-    with arena.state.locked():
+    with arena.file.locked():
         pass
     deferred = sorted(session._dead_workers)
     session.note_workers_gone([])  # the next iterator's start
@@ -614,12 +614,8 @@ class _ShiftingWriter:
     def __init__(self, writer, shift: int) -> None:
         self._writer, self._shift, self.token = writer, shift, writer.token
 
-    def allocate(self, nbytes: int):
-        offset, view = self._writer.allocate(nbytes)
-        return offset + self._shift, view
-
-    def locate(self, address: int, nbytes: int) -> None:
-        return None
+    def place(self, src):
+        return self._writer.place(src) + self._shift
 
     def __getattr__(self, name: str):
         return getattr(self._writer, name)

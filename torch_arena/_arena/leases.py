@@ -1,23 +1,30 @@
-"""Leases: a restored unit's space goes back when the last view of it dies.
+"""Leases: a zero-copy unit is released when the last view of it dies.
 
-A zero-copy restore hands out views into shared memory; the unit they point
-into may be reused only once every one of them is gone. The obvious way, a
+A restore hands out views into shared memory; the unit they point into may
+be reused only once every one of them is gone (NOTE [ Arena units, leases,
+locks and fork ] in :mod:`torch_arena._arena.protocol`). The obvious way, a
 Python ``weakref.finalize`` callback per view, loses releases: a
-``KeyboardInterrupt`` (or any signal handler that raises) that lands inside a
-finalizer is printed and swallowed by Python, and the release with it. The
-segment then stays reserved until something sweeps it up.
+``KeyboardInterrupt`` (or any signal handler that raises) landing inside a
+finalizer is printed and swallowed by Python, and the release with it.
 
-Here the callback of each view's weak reference is ``SimpleQueue.put`` of one
-process-wide queue: a single C call, which no signal handler can interrupt
-half-way, and only a wake-up. What is outstanding lives in a registry; a
-*drain* scans it for units all of whose anchors are dead, releases them under
-the arena lock, and only then forgets them. Releases are idempotent, so a
-drain cut short by an interrupt, or two drains at once, lose nothing. A daemon
-thread (signals are only ever handled in the main thread) drains a moment
-after something dies, and every second while leases are outstanding; the
-consumer's own arena calls drain first when something died (so the release
-usually runs there, without contending for the lock), and calls that report
-usage drain first so what they report is exact.
+Here the callback of each lease's weak reference is ``deque.append`` of one
+process-wide deque: a single C call that no signal handler can interrupt
+half-way, and only a hint. What is outstanding lives in each tracker's
+``refs`` (key -> its anchors' weak references), changed only by single dict
+assignments, so an interrupt leaves either the old anchors or the new ones in
+place, never none. A *drain* finds the units all of whose anchors are dead,
+releases them (one store each: see the NOTE) and only then forgets them. A
+drain cut short by an interrupt loses nothing: the next one, or the sweep of
+every tracker that the reaper thread makes every second, finds what is left,
+and a release of a unit that was released already is a no-op (its generation
+or state no longer matches).
+
+Who drains: the consumer's own arena calls (``open_unit``, a writer's
+``begin_unit`` in the same process, anything that reports usage) when
+something died, and otherwise a daemon thread that looks every few
+milliseconds while leases are outstanding. It never wakes per death, so the
+training process pays for a release only in its own thread, with no lock and
+no thread switch.
 
 After ``fork`` the child starts with an empty registry: views it inherited
 belong to its parent, which releases them.
@@ -25,102 +32,96 @@ belong to its parent, which releases them.
 
 from __future__ import annotations
 
+import collections
 import os
-import queue
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
 
-from torch_arena._os.sync import current_pid, holds_arena_lock
 
 __all__ = ["LeaseTracker", "flush", "reap_now"]
 
-#: How long the reaper thread leaves a dead reference for the consumer's own
-#: thread to release before releasing it itself.
-_REAP_DELAY_S = 0.002
-#: How often the reaper thread looks for dead references nobody queued (a
-#: drain cut short by an interrupt) while leases are outstanding.
+#: How often the reaper thread looks for dead leases that the consumer's own
+#: thread has not released yet, while leases are outstanding.
+_REAP_INTERVAL_S = 0.01
+#: How often it scans the whole registry for dead leases nobody hinted at (a
+#: drain cut short by an interrupt).
 _SWEEP_S = 1.0
 
 
 class _Reaper:
-    """The registry of outstanding leases, and the thread that releases them.
-
-    Correctness never depends on the queue: a drain scans the registry for
-    dead references, releases the units all of whose anchors are dead, and
-    only then removes their entries. Releases are idempotent (a unit is freed
-    only while its generation still matches), so two drains at once (the
-    thread and a consumer's own call) or a drain cut short by an interrupt
-    lose nothing: whatever a drain did not finish, the next one does. The
-    queue only says that something died.
-    """
+    """The registry of outstanding leases, and the thread that releases them."""
 
     def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[weakref.ref] = queue.SimpleQueue()
-        # id(ref) -> (tracker, key, ref); holds the tracker (and so its arena
-        # state) only while one of its leases is outstanding.
+        self.dead: collections.deque[weakref.ref] = collections.deque()
+        # id(ref) -> (tracker, key, ref): where a hint leads (best effort).
         self.entries: dict[int, tuple[LeaseTracker, Hashable, weakref.ref]] = {}
+        # Trackers with outstanding keys, kept alive (with their arena file)
+        # until those are released: what a sweep looks through.
+        self.active: dict[int, LeaseTracker] = {}
         self.lock = threading.Lock()
+        self.local = threading.local()
+        self.wake = threading.Event()
         self.thread: threading.Thread | None = None
-        self.pid = current_pid()
 
     def ensure_running(self) -> None:
         if self.thread is None:
             thread = threading.Thread(target=self._run, name="torch_arena-lease-reaper", daemon=True)
             thread.start()
             self.thread = thread
+        self.wake.set()
 
     def _run(self) -> None:
-        q = self.queue
+        last_sweep = time.monotonic()
         while True:
-            try:
-                q.put(q.get(timeout=_SWEEP_S))  # wait for a death, and leave the hint for reap_now
-            except queue.Empty:
-                if not self.entries:
-                    continue  # nothing outstanding: a periodic look finds nothing
-            # Give the consumer's own arena call (reap_now) a moment to release
-            # it without contending for the arena lock; then release what is left.
-            time.sleep(_REAP_DELAY_S)
-            self.drain()
+            if not self.active:
+                self.wake.wait()
+                self.wake.clear()
+                continue
+            time.sleep(_REAP_INTERVAL_S)
+            now = time.monotonic()
+            if now - last_sweep >= _SWEEP_S:
+                last_sweep = now
+                self.drain(sweep=True)
+            elif self.dead:
+                self.drain()
 
-    def drain(self) -> None:
+    def drain(self, sweep: bool = False) -> None:
         """Release every unit all of whose anchors are dead, then forget them.
 
-        Does nothing in a thread that holds an arena lock (the garbage
-        collector can run an object's ``__del__`` inside an arena call, and the
-        locks are not reentrant): the next drain does it.
+        ``sweep``: look at every outstanding key, not only those hinted at.
+        Does nothing when called again from inside a drain (the garbage
+        collector can run code that flushes while a drain allocates).
         """
-        if holds_arena_lock():
+        local = self.local
+        if getattr(local, "draining", False):
             return
-        q = self.queue
-        while True:
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                break
-        with self.lock:
-            candidates = {(entry[0], entry[1]) for entry in self.entries.values() if entry[2]() is None}
-            expired = [
-                (tracker, key, refs)
-                for tracker, key in candidates
-                if (refs := tracker._refs.get(key)) is not None and all(ref() is None for ref in refs)
-            ]
-        if not expired:
-            return
-        by_tracker: dict[LeaseTracker, list[Hashable]] = {}
-        for tracker, key, _ in expired:
-            by_tracker.setdefault(tracker, []).append(key)
-        for tracker, keys in by_tracker.items():
-            tracker._release(keys)
-        with self.lock:
-            for tracker, key, refs in expired:
-                if tracker._refs.get(key) is refs:  # not given new anchors meanwhile
-                    del tracker._refs[key]
+        local.draining = True
+        try:
+            with self.lock:
+                if sweep:
+                    self.dead.clear()
+                    candidates = [(t, key) for t in list(self.active.values()) for key in list(t.refs)]
+                else:
+                    candidates = []
+                    while self.dead:
+                        entry = self.entries.get(id(self.dead.popleft()))
+                        if entry is not None:
+                            candidates.append((entry[0], entry[1]))
+                for tracker, key in candidates:
+                    refs = tracker.refs.get(key)
+                    if refs is None or any(ref() is not None for ref in refs):
+                        continue
+                    tracker.release(key)  # before forgetting: an interrupt here loses nothing
+                    del tracker.refs[key]
                     for ref in refs:
                         self.entries.pop(id(ref), None)
+                    if not tracker.refs:
+                        self.active.pop(id(tracker), None)
+        finally:
+            local.draining = False
 
 
 _reaper = _Reaper()
@@ -135,21 +136,18 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def flush() -> None:
-    """Release, in this thread and now, the units whose last view has died.
+    """Release, in this thread and now, every unit whose last view has died.
 
-    Arena calls that report (usage, states) run it first, so what they say does
-    not depend on thread scheduling. Never call it with an arena lock held.
+    Calls that report (usage, states) run it first, so what they report does
+    not depend on thread scheduling.
     """
-    if _reaper.entries:
-        _reaper.drain()
+    if _reaper.active:
+        _reaper.drain(sweep=True)
 
 
 def reap_now() -> None:
-    """:func:`flush` if something died since the last drain: cheap when nothing
-    did. Arenas call it before taking their lock on the consumer's hot path, so
-    releases run in that thread instead of contending with the reaper thread
-    for the lock. Never call it with an arena lock held."""
-    if not _reaper.queue.empty():
+    """Release units whose leases died since the last drain: cheap when none did."""
+    if _reaper.dead:
         _reaper.drain()
 
 
@@ -157,56 +155,48 @@ class LeaseTracker:
     """The leases one process holds on one arena's units.
 
     Args:
-        state: The arena's per-process state (its ``locked()`` and ``wakeup``).
-        release: Called with the header under the arena lock for each key
-            whose views are all gone. Must be idempotent: a key can be
-            released twice (two drains at once).
+        release: Called with a key whose leases are all gone (or that was held
+            with none). Must be idempotent and must not block: it may run in
+            any thread, even inside another arena call.
     """
 
-    def __init__(self, state: Any, release: Callable[[Any, Hashable], None]) -> None:
-        self.state = state
-        self.release_locked = release
-        self.pid = current_pid()
-        self._refs: dict[Hashable, list[weakref.ref]] = {}
+    def __init__(self, release: Callable[[Hashable], None]) -> None:
+        self.release = release
+        self.refs: dict[Hashable, list[weakref.ref]] = {}
 
     def hold(self, key: Hashable, anchors: Iterable[object]) -> None:
-        """Keep ``key`` reserved until every anchor that can be weakly referenced
-        dies; replaces the anchors an earlier :meth:`hold` gave for ``key``."""
+        """Keep ``key`` held until every anchor that can be weakly referenced
+        dies (none: release it now); replaces the anchors an earlier
+        :meth:`hold` gave for ``key``. An interrupt anywhere in here leaves the
+        old anchors or the new ones holding ``key``, never neither."""
         reaper = _reaper
-        put = reaper.queue.put
+        append = reaper.dead.append
         refs = []
         for anchor in anchors:
             try:
-                refs.append(weakref.ref(anchor, put))
+                refs.append(weakref.ref(anchor, append))
             except TypeError:
                 continue  # cannot be tracked; the other anchors cover it
         if not refs:
+            if not sys.is_finalizing():
+                self.release(key)  # first: should this be interrupted, the old anchors still hold it
             with reaper.lock:
-                for ref in self._refs.pop(key, ()):
+                for ref in self.refs.pop(key, ()):
                     reaper.entries.pop(id(ref), None)
-            self._release([key])
+                if not self.refs:
+                    reaper.active.pop(id(self), None)
             return
         with reaper.lock:
-            for ref in self._refs.get(key, ()):  # a new set of anchors replaces the old
-                reaper.entries.pop(id(ref), None)
-            self._refs[key] = refs
+            old = self.refs.get(key, ())
+            self.refs[key] = refs  # the swap: one assignment
+            reaper.active[id(self)] = self
             for ref in refs:
                 reaper.entries[id(ref)] = (self, key, ref)
+            for ref in old:
+                reaper.entries.pop(id(ref), None)
         reaper.ensure_running()
-
-    def _release(self, keys: list[Hashable]) -> None:
-        if current_pid() != self.pid or sys.is_finalizing():
-            return
-        state = self.state
-        try:
-            with state.locked() as header:
-                for key in keys:
-                    self.release_locked(header, key)
-            state.wakeup.notify()
-        except Exception as exc:  # noqa: BLE001 - never kill the reaper thread
-            print(f"torch_arena: could not release arena space: {exc!r}", file=sys.stderr)
 
     @property
     def held(self) -> int:
         """How many units this process still holds leases on."""
-        return len(self._refs)
+        return len(self.refs)

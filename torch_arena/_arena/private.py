@@ -13,9 +13,9 @@ is a view of an *anchor*: a ``uint8`` array made straight from the mapping,
 which every view derived from it (slices, reshapes, ``torch.from_numpy``,
 memoryviews) keeps alive. The buffer is handed out again only once its
 anchor is dead; the weak reference's callback is ``deque.append``, a single
-C call. Free buffers above ``1.25 ×`` the recent peak of buffers in use
-``+ 16 MiB`` are unmapped, so a loader that once saw big batches does not
-keep their memory.
+C call. Free buffers above what the working-set rule keeps
+(:mod:`torch_arena._arena.working_set`) are unmapped, so a loader that once
+saw big batches does not keep their memory.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ import weakref
 
 import numpy as np
 
+from torch_arena._arena.working_set import CELLS, WorkingSet
 from torch_arena._os.memory import PAGE_SIZE
 from torch_arena._os.sync import current_pid
 
-__all__ = ["PrivateBuffers", "size_class"]
-
-#: Buffers handed out per working-set window (the working set spans one or two).
-WINDOW = 16
-KEEP_NUM, KEEP_DEN, KEEP_SLACK = 5, 4, 16 << 20
+__all__ = ["PrivateBuffers", "process_buffers", "size_class"]
 
 
 def size_class(nbytes: int) -> int:
@@ -56,8 +53,7 @@ class PrivateBuffers:
         self._returned: collections.deque[weakref.ref] = collections.deque()
         self._busy_bytes = 0
         self._free_bytes = 0
-        self._peak_cur = self._peak_prev = 0
-        self._taken = 0
+        self._working_set = WorkingSet([0] * CELLS)
         self.fresh = 0
         """Buffers mapped anew (each costs first-touch page faults)."""
         self.reused = 0
@@ -88,7 +84,8 @@ class PrivateBuffers:
             ref = weakref.ref(anchor, self._returned.append)
             self._busy[id(ref)] = (ref, buf)
             self._busy_bytes += len(buf)
-            self._note_working_set()
+            self._working_set.observe(self._busy_bytes)
+            self._working_set.tick(self._busy_bytes)
         return anchor
 
     def _best_fit(self, nbytes: int) -> mmap.mmap | None:
@@ -116,14 +113,8 @@ class PrivateBuffers:
                 self._free_bytes += len(buf)
         self._trim()
 
-    def _note_working_set(self) -> None:
-        self._taken += 1
-        self._peak_cur = max(self._peak_cur, self._busy_bytes)
-        if self._taken >= WINDOW:
-            self._peak_prev, self._peak_cur, self._taken = self._peak_cur, self._busy_bytes, 0
-
     def _trim(self) -> None:
-        keep = max(self._peak_prev, self._peak_cur) * KEEP_NUM // KEEP_DEN + KEEP_SLACK
+        keep = self._working_set.keep()
         if self._busy_bytes + self._free_bytes <= keep:
             return
         self._free.sort(key=len)
@@ -134,6 +125,12 @@ class PrivateBuffers:
                 buf.close()
             except BufferError:  # pragma: no cover - an export outlived its anchor
                 pass
+
+    def note_epoch(self) -> None:
+        """An epoch boundary: buffers sized for earlier epochs may go."""
+        with self._lock:
+            self._working_set.roll(self._busy_bytes)
+            self._collect()
 
     def stats(self) -> dict[str, int]:
         """Bytes of buffers in use and kept free, and how many were fresh or reused."""

@@ -4,7 +4,7 @@ An envelope carries a checksum, so once it matches, the stream is exactly
 what :func:`torch_arena.offload` wrote: an exception while unpickling it is an
 object's own reconstruction failing in this process (a class that changed or
 cannot be imported here, a ``__setstate__`` that raises, a user handler's
-``from_buffer``), not corruption. :class:`RestoreError` says which object,
+``from_buffer``), not corruption. :class:`~torch_arena.RestoreError` says which object,
 which backend and which threshold. The C unpickler does not say which step
 raised, so the failing load is replayed once with pickle's Python unpickler,
 whose steps can be watched.
@@ -15,16 +15,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
-__all__ = ["RestoreError", "TracingUnpickler", "failure_message"]
-
-
-class RestoreError(Exception):
-    """An intact envelope whose object could not be rebuilt in this process.
-
-    The message names the object's type, the arena backend and the threshold
-    the batch was offloaded with; the reconstructor's own exception is the
-    ``__cause__``.
-    """
+__all__ = ["TracingUnpickler", "failure_message"]
 
 
 class StepFailed(Exception):
@@ -98,7 +89,7 @@ class TracingUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
 
 
 def failure_message(what: str | None, exc: BaseException, backend: str, threshold: int) -> str:
-    """The text of a :class:`RestoreError`."""
+    """The text of a :class:`~torch_arena.RestoreError`."""
     at = f"threshold {threshold}" if threshold >= 0 else "threshold unknown"
     return (
         f"torch_arena: could not rebuild {what or 'an object of the batch'} restored from {backend} "

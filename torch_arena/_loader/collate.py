@@ -45,7 +45,7 @@ def _collate_tensor_into_unit(batch: Any, *, collate_fn_map: Any = None) -> torc
     elem = batch[0]
     if (
         writer is None
-        or not hasattr(writer, "allocate")
+        or not writer.direct
         or elem.layout is not torch.strided
         or elem.is_nested
         or elem.device.type != "cpu"

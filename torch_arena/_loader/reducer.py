@@ -37,8 +37,10 @@ import numpy as np
 import torch
 from torch.multiprocessing import reductions as torch_reductions
 
-from torch_arena._codec.codec import DEFAULT_THRESHOLD, offload_open_unit, pack_envelope
-from torch_arena._codec.handlers import NumpyHandler
+from torch_arena._arena.protocol import Arena
+from torch_arena._codec.envelope import pack_envelope
+from torch_arena._codec.offload import DEFAULT_THRESHOLD, offload_open_unit
+from torch_arena._codec.payloads import NumpyHandler
 from torch_arena._loader.session import ArenaSession, session_for
 
 __all__ = ["arena_reducer", "install", "uninstall"]
@@ -118,7 +120,7 @@ def install(arena: Any, *, threshold: int = DEFAULT_THRESHOLD) -> None:
 
     Installs stack: the latest one sends; every installed arena can receive.
     """
-    if not all(hasattr(arena, m) for m in ("open_writer", "open_reader", "token")):
+    if not isinstance(arena, Arena):
         raise ValueError(f"install() needs a torch_arena arena instance, got {arena!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")

@@ -1,66 +1,35 @@
-"""The consumer side of a loader's arena: sizing, restore-on-receipt, statistics.
+"""The training-process side of a loader's arena: restore on receipt, statistics.
 
 A batch crosses the worker queue as a tiny object whose unpickling *is* the
-restore (see :mod:`torch_arena._loader.worker`). It is therefore restored exactly
-once, in whichever thread reads the worker queue (the main thread, or the
-pin-memory thread), and also when torch reads a batch only to drop it
-(iterator reset, persistent workers resuming): the dropped views die and the
-space goes back at once. An :class:`ArenaSession` is what that unpickling finds
-by the arena's token in this process's registry.
+restore (:mod:`torch_arena._loader.wire`). It is therefore restored exactly
+once, in whichever thread reads the worker queue (the main thread, the
+pin-memory thread or the restore thread), and also when torch reads a batch
+only to drop it (iterator reset, persistent workers resuming): the dropped
+views die and the space goes back at once. An :class:`ArenaSession` is what
+that unpickling finds by the arena's token in this process's registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 import warnings
 import weakref
 from typing import Any
 
-from torch_arena._codec.codec import restore
-from torch_arena._arena.elastic import SharedMemoryElasticPool, SharedMemoryElasticRing
-from torch_arena._os.sizes import format_bytes
-from torch_arena._arena.segment_pool import SharedMemorySegmentPool
-from torch_arena._arena.ring_buffer import SharedMemoryRingBuffer
-from torch_arena._os.sync import current_pid, pid_alive
+from torch_arena._arena.protocol import Arena, ArenaReader
+from torch_arena._codec.restore import restore
+from torch_arena._loader.stats import ArenaStats
+from torch_arena._os.sync import current_pid, holds_arena_lock, pid_alive
+from torch_arena.errors import ArenaFallbackWarning
 
-__all__ = ["ArenaFallbackWarning", "ArenaSession", "ArenaStats", "make_arena"]
+__all__ = ["ArenaSession", "HELD_BATCHES", "arena_slots", "session_for", "user_stacklevel", "warn_if_too_few_units"]
 
 #: Batches a training loop may hold beyond torch's prefetch window (the current
 #: and the previous batch while ``next()`` runs).
 HELD_BATCHES = 2
-
-
-class ArenaFallbackWarning(UserWarning):
-    """A batch travelled through torch's default path instead of the arena."""
-
-
-@dataclasses.dataclass
-class ArenaStats:
-    """What a loader's arena has moved so far (all iterators, all epochs)."""
-
-    batches: int = 0
-    """Batches that travelled through the arena."""
-    bytes: int = 0
-    """Binary payload bytes moved through the arena."""
-    fallbacks: int = 0
-    """Batches that went through torch's default path instead."""
-    wait_seconds: float = 0.0
-    """Time producers spent waiting for arena space."""
-    high_water_units: int = 0
-    """Most units (batches) in the arena at once."""
-    high_water_bytes: int = 0
-    """Most bytes in the arena at once (batches in flight plus those the loop holds)."""
-    bytes_in_flight: int = 0
-    """Bytes in the arena now: batches in flight plus those the loop still holds."""
-    committed_bytes: int = 0
-    """Memory the arena holds now (an elastic pool's grows and shrinks with the
-    batches; a fixed pool's or ring's is its whole size)."""
-    committed_high_water: int = 0
-    """The most memory the arena has held at once."""
-    last_fallback_reason: str = ""
-    """Why the latest fallback happened."""
 
 
 def arena_slots(num_workers: int, prefetch_factor: int, pin_memory: bool) -> int:
@@ -68,26 +37,31 @@ def arena_slots(num_workers: int, prefetch_factor: int, pin_memory: bool) -> int
     return num_workers * prefetch_factor + HELD_BATCHES + (1 if pin_memory else 0)
 
 
-def make_arena(kind: str, budget: int | None, timeout: float) -> Any:
-    """The arena a loader makes: an elastic pool (``"pool"``: zero-copy) or an
-    elastic ring (``"ring"``: copy-out), capped at ``budget`` (default: half the
-    memory available)."""
-    if kind == "pool":
-        return SharedMemoryElasticPool(budget, acquire_timeout=timeout)
-    return SharedMemoryElasticRing(budget, acquire_timeout=timeout)
+#: Packages whose frames a warning skips to point at the user's own line.
+_LIBRARY_PACKAGES = ("torch_arena", "torch", "torchdata", "accelerate", "lightning", "pytorch_lightning")
 
 
-def warn_if_pool_too_small(arena: Any, slots: int) -> None:
-    """Warn when a user's fixed pool has fewer segments than batches in flight."""
-    if isinstance(arena, SharedMemorySegmentPool) and arena.count < slots:
+def user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called here that names the first
+    frame outside torch_arena and the libraries that call it (the user's line)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARY_PACKAGES:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
+def warn_if_too_few_units(arena: Arena, slots: int) -> None:
+    """Warn when a user's arena holds fewer units than the loader keeps in flight."""
+    limit = arena.units_limit
+    if limit is not None and limit < slots:
         warnings.warn(
-            f"torch_arena: the loader's SharedMemorySegmentPool has {arena.count} segments, but "
-            f"the loader keeps up to {slots} batches in flight or held (num_workers × "
-            f"prefetch_factor + {HELD_BATCHES}): workers will wait for segments, and batches "
-            f"may fall back to torch's transport. Pass count >= {slots}, or arena='pool' "
-            "(an elastic pool that sizes itself).",
+            f"torch_arena: the loader's arena, {arena.describe()}, holds {limit} batches at once, but "
+            f"the loader keeps up to {slots} batches in flight or held (num_workers × prefetch_factor "
+            f"+ {HELD_BATCHES}): workers will wait for space, and batches may fall back to torch's "
+            f"transport. Pass a pool with count >= {slots}, or arena='pool' (an elastic pool that "
+            "sizes itself).",
             ArenaFallbackWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -98,14 +72,14 @@ _sessions_lock = threading.Lock()
 class ArenaSession:
     """One arena as seen by the process that consumes its batches."""
 
-    def __init__(self, arena: Any, *, owned: bool, slots: int) -> None:
+    def __init__(self, arena: Arena, *, owned: bool, slots: int) -> None:
         self.arena = arena
         self.owned = owned
         self.slots = slots
         self.pid = current_pid()
         self.token = arena.token
         self.stats = ArenaStats()
-        self._reader: Any = None
+        self._reader: ArenaReader | None = None
         self._reader_pid = -1
         self._warned = False
         self._dead_workers: set[int] = set()
@@ -113,7 +87,7 @@ class ArenaSession:
             _sessions[self.token] = self
 
     @property
-    def reader(self) -> Any:
+    def reader(self) -> ArenaReader:
         """This process's reader endpoint (opened on first use)."""
         if self._reader is None or self._reader_pid != current_pid():
             self._reader = self.arena.open_reader()
@@ -141,9 +115,15 @@ class ArenaSession:
                 f"torch_arena: a batch travelled through torch's default path instead of the "
                 f"arena: {reason}. (Warned once; loader.arena_stats.fallbacks counts them.)",
                 ArenaFallbackWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         return batch
+
+    def start_epoch(self) -> None:
+        """An iterator starts an epoch: memory sized for earlier epochs may go back."""
+        if not self.arena.closed:
+            self.arena.note_epoch()
+            self.reader.note_epoch()
 
     def note_workers_gone(self, pids: "list[int]", grace: float = 1.0) -> None:
         """Return the space of batches these shut-down workers left unread.
@@ -153,39 +133,29 @@ class ArenaSession:
         that outlives that is reclaimed when the next iterator starts.
         """
         self._dead_workers.update(p for p in pids if p)
-        if self._reader is not None and self._reader_pid == current_pid():
-            self._reader.reset()
-        reclaim = getattr(self.arena, "reclaim", None)
-        if reclaim is None or self.arena.closed or not self._dead_workers:
+        if self.arena.closed or not self._dead_workers:
+            return
+        if holds_arena_lock():
+            # Called by the garbage collector (an abandoned iterator's __del__)
+            # inside one of this thread's own arena calls: the lock is not
+            # reentrant. The next iterator, or the next shutdown, reclaims them.
             return
         deadline = time.monotonic() + grace
         while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
-        dead = sorted(self._dead_workers)
-        reclaim_locked = getattr(self.arena, "reclaim_locked", None)
-        if not _lock_free_here(self.arena):
-            # Called by the garbage collector (an abandoned iterator's __del__)
-            # inside one of this thread's own arena calls: taking the lock would
-            # deadlock. Queue it: the lock's holder runs it before letting go.
-            if reclaim_locked is not None:
-                state = self.arena.state
-                state.release_soon(lambda: reclaim_locked(state.header, dead))
-            return
-        reclaim(dead)
+        self.arena.reclaim(sorted(self._dead_workers))
         self._dead_workers = {p for p in self._dead_workers if pid_alive(p)}
 
     def snapshot(self) -> ArenaStats:
-        """A copy of the statistics with the arena's high-water marks filled in."""
+        """A copy of the statistics with the arena's figures filled in."""
         stats = dataclasses.replace(self.stats)
-        usage = getattr(self.arena, "usage", None)
-        if usage is not None and not self.arena.closed:
-            marks = usage()
-            stats.high_water_units = marks["units_high_water"]
-            stats.high_water_bytes = marks["bytes_high_water"]
-            stats.bytes_in_flight = marks["bytes_in_use"]
-            whole = getattr(self.arena, "capacity", 0)
-            stats.committed_bytes = marks.get("committed_bytes", whole)
-            stats.committed_high_water = marks.get("committed_high_water", whole)
+        if not self.arena.closed:
+            usage = self.arena.usage()
+            stats.high_water_units = usage["units_high_water"]
+            stats.high_water_bytes = usage["bytes_high_water"]
+            stats.bytes_in_flight = usage["bytes_in_use"]
+            stats.committed_bytes = usage["committed_bytes"]
+            stats.committed_high_water = usage["committed_high_water"]
         return stats
 
     def close(self) -> None:
@@ -198,17 +168,6 @@ class ArenaSession:
             self.arena.close()
 
 
-def _lock_free_here(arena: Any) -> bool:
-    """Whether no thread of this process holds ``arena``'s lock right now."""
-    lock = getattr(getattr(arena, "_state", None), "lock", None)
-    if lock is None or not hasattr(lock, "try_acquire_thread"):
-        return True
-    if not lock.try_acquire_thread():
-        return False
-    lock.release()
-    return True
-
-
 def session_for(token: int) -> ArenaSession:
     """The open session of arena ``token`` in this process, or a clear error."""
     session = _sessions.get(token)
@@ -219,14 +178,3 @@ def session_for(token: int) -> ArenaSession:
             "loader's arena must not be released while its workers still run."
         )
     return session
-
-
-def describe_arena(arena: Any) -> str:
-    """A short description for messages."""
-    if isinstance(arena, SharedMemoryElasticPool):
-        return f"an elastic {arena.noun} capped at {format_bytes(arena.max_bytes)}"
-    if isinstance(arena, SharedMemorySegmentPool):
-        return f"a pool of {arena.count} segments of {format_bytes(arena.segment_size)}"
-    if isinstance(arena, SharedMemoryRingBuffer):
-        return f"a ring of {format_bytes(arena.capacity)}"
-    return repr(arena)

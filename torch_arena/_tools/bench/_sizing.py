@@ -145,7 +145,7 @@ def close_loader(loader: Any, arena: Any) -> None:
 def record_waits(loader: Any) -> list[float]:
     """Per-batch producer waits (seconds) as the session receives batches; call
     after ``iter()``. (``arena_stats.wait_seconds`` only holds their sum.)"""
-    session = loader._arena_session
+    session = loader._torch_arena.session
     waits: list[float] = []
     if session is None:
         return waits
@@ -176,7 +176,7 @@ def arena_figures(loader: Any, transport: str) -> dict[str, Any]:
         "committed_high_water": stats.committed_high_water,
         "fallback_reason": stats.last_fallback_reason[:300],
     }
-    session = loader._arena_session
+    session = loader._torch_arena.session
     if transport in ("elastic", RING) and session is not None:
         out["committed_kernel"] = session.arena.usage()["committed_bytes"]  # st_blocks, now
     if transport == RING:  # the copies live in this process's recycled private buffers
