@@ -1,11 +1,20 @@
 """Memory limits of nested cgroups: the default arena budget and the doctor see them.
 
-Fake ``/proc/self/cgroup`` and ``mountinfo`` texts, and fake cgroup trees
-under ``tmp_path``.
+The first half parses fake ``/proc/self/cgroup`` and ``mountinfo`` texts and
+reads fake cgroup trees under ``tmp_path`` (cgroup v2 is only tested that way
+where the machine's v2 hierarchy has no memory controller, as on a hybrid
+host). The second half makes real nested cgroups on every mounted hierarchy
+that has a usable memory controller, starts a Python process inside, and
+checks what it and ``python -m torch_arena doctor`` report.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +31,9 @@ from torch_arena._os.cgroups import (
     read_hierarchy,
 )
 from torch_arena._os.limits import available_memory, tightest_limit
+from torch_arena._os.sizes import format_bytes
 
+REPO = Path(__file__).resolve().parents[2]
 MiB, GiB = 1 << 20, 1 << 30
 V1_MAX_TEXT = "9223372036854771712"  # what the kernel shows for an unlimited v1 cgroup
 
@@ -186,3 +197,159 @@ def test_available_memory_takes_the_tightest_headroom(monkeypatch):
         monkeypatch.setattr(limits_module, "memory_limits", lambda: [job])
         limits_module.preflight(GiB, "a test arena")
 
+
+# -- real nested cgroups ------------------------------------------------------
+
+#: The file each version's limit is written to.
+LIMIT_FILE = {1: "memory.limit_in_bytes", 2: "memory.max"}
+
+#: Run in a process placed in the cgroup: what the arena's default budget sees.
+PROBE = """
+import json
+from torch_arena._os.cgroups import parse_proc_cgroup
+from torch_arena._os.limits import available_memory
+try:
+    from torch_arena._arena.elastic import default_max_bytes
+except ImportError:  # moved by a rewrite of the arenas: half of what is available, as it was
+    default_max_bytes = None
+available, source = available_memory()
+budget = default_max_bytes() if default_max_bytes else available // 2
+with open("/proc/self/cgroup") as f:
+    placed = parse_proc_cgroup(f.read())
+print(json.dumps({"available": available, "source": source, "budget": budget,
+                  "budget_from": "default_max_bytes" if default_max_bytes else "available // 2",
+                  "placed": placed}))
+"""
+
+
+def _usable_hierarchies() -> list[CgroupMount]:
+    """One mounted hierarchy per version where a test can make memory cgroups:
+    v1 with the ``memory`` controller, v2 with ``memory`` in the root's
+    ``cgroup.subtree_control`` (so new cgroups get ``memory.max``), writable."""
+    try:
+        mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
+    except OSError:
+        return []
+    usable: dict[int, CgroupMount] = {}
+    for mount in mounts:
+        if mount.version == 2:
+            try:
+                if "memory" not in (Path(mount.mount_point) / "cgroup.subtree_control").read_text().split():
+                    continue
+            except OSError:
+                continue
+        if os.access(mount.mount_point, os.W_OK):
+            usable.setdefault(mount.version, mount)
+    return list(usable.values())
+
+
+HIERARCHIES = _usable_hierarchies()
+
+
+class NestedCgroups:
+    """Makes chains of nested memory cgroups on ``mount`` and removes them all."""
+
+    def __init__(self, mount: CgroupMount) -> None:
+        self.mount, self.made, self.count = mount, [], 0
+
+    def path_of(self, directory: Path) -> str:
+        """The cgroup's path as ``/proc/self/cgroup`` names it."""
+        return os.path.join(self.mount.root, str(directory.relative_to(self.mount.mount_point)))
+
+    def nest(self, limits: list[int | None]) -> list[Path]:
+        """``torch_arena_test_<pid>_<n>/child/child...``, one level per limit
+        (None: no limit set), outermost first."""
+        self.count += 1
+        directory = Path(self.mount.mount_point) / f"torch_arena_test_{os.getpid()}_{self.count}"
+        dirs: list[Path] = []
+        for limit in limits:
+            if dirs and self.mount.version == 2:
+                (dirs[-1] / "cgroup.subtree_control").write_text("+memory")
+            directory = dirs[-1] / "child" if dirs else directory
+            try:
+                directory.mkdir()
+            except OSError as exc:
+                pytest.skip(f"cannot make a memory cgroup under {self.mount.mount_point} ({exc}): run as root")
+            self.made.append(directory)
+            dirs.append(directory)
+            if limit is not None:
+                (directory / LIMIT_FILE[self.mount.version]).write_text(str(limit))
+        return dirs
+
+    def remove(self) -> None:
+        """Move any process left inside back to this test's own cgroup, then
+        remove the cgroups, children first (the kernel refuses otherwise)."""
+        own = parse_proc_cgroup(Path("/proc/self/cgroup").read_text()).get(self.mount.version, "/")
+        where = locate(own, [self.mount], self.mount.version)
+        home = Path(self.mount.mount_point, *where[1]) if where else Path(self.mount.mount_point)
+        for directory in reversed(self.made):
+            deadline = time.monotonic() + 10
+            while directory.exists():
+                for pid in (directory / "cgroup.procs").read_text().split():
+                    try:
+                        (home / "cgroup.procs").write_text(pid)
+                    except OSError:  # it exited meanwhile
+                        pass
+                try:
+                    directory.rmdir()
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+
+@pytest.fixture(params=HIERARCHIES or [None], ids=lambda m: f"v{m.version}" if m else "none")
+def cgroups(request):
+    """Nested memory cgroups on each usable hierarchy, removed even when the test fails."""
+    if request.param is None:
+        pytest.skip("no writable cgroup hierarchy with a memory controller is mounted (v1 memory, or v2 "
+                    "with memory in cgroup.subtree_control): run as root on a host with one")
+    made = NestedCgroups(request.param)
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
+def _in_cgroup(directory: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``python *argv`` in a process that first moves itself into ``directory``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(directory), sys.executable, *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=120, check=False)
+
+
+CASES = {"one level": [GiB], "child tighter": [GiB, 512 * MiB], "ancestor tighter": [512 * MiB, GiB]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("levels", list(CASES.values()), ids=list(CASES))
+def test_budget_and_doctor_inside_nested_cgroups(cgroups, levels):
+    """A process in the innermost cgroup gets a default budget of at most half
+    the tightest limit on the way up, and the doctor names where it is set."""
+    version, limit_file = cgroups.mount.version, LIMIT_FILE[cgroups.mount.version]
+    dirs = cgroups.nest(levels)
+    tight = min(range(len(levels)), key=lambda i: levels[i])
+    tight_path, tight_file = cgroups.path_of(dirs[tight]), str(dirs[tight] / limit_file)
+
+    probe = _in_cgroup(dirs[-1], "-c", PROBE)
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout)
+    assert seen["placed"][str(version)] == cgroups.path_of(dirs[-1])
+    assert 0 < seen["available"] <= levels[tight]
+    assert seen["source"].startswith(f"cgroup v{version} {limit_file} of {tight_path} ("), seen["source"]
+    assert 0 < seen["budget"] <= levels[tight] // 2, seen
+
+    report = _in_cgroup(dirs[-1], "-m", "torch_arena", "doctor", "--batch-bytes", str(MiB), "--json")
+    assert report.returncode == 0, report.stdout + report.stderr
+    facts, rec = json.loads(report.stdout)["facts"], json.loads(report.stdout)["recommendation"]
+    assert (facts["cgroup_limit"], facts["cgroup_path"], facts["cgroup_file"]) == (levels[tight], tight_path, tight_file)
+    assert facts["cgroup_source"].startswith(f"cgroup v{version} {limit_file} of {tight_path} (")
+    assert facts["arena_available"] <= levels[tight] and rec["pool_default_cap"] <= levels[tight] // 2
+    listed = [(lim["cgroup"], lim["limit"]) for lim in facts["cgroup_limits"] if lim["file"].endswith(limit_file)]
+    assert listed[: len(levels)] == [(cgroups.path_of(d), limit) for d, limit in zip(dirs, levels)][::-1]
+
+    plain = _in_cgroup(dirs[-1], "-m", "torch_arena", "doctor", "--batch-bytes", str(MiB))
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert f"  cgroup limit      {format_bytes(levels[tight])}: cgroup v{version} {limit_file} of {tight_path} (" \
+        in plain.stdout, plain.stdout
+    assert f"  cgroup file       {tight_file}\n" in plain.stdout
