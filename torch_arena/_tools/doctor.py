@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import platform
 import resource
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 
 from torch_arena import __version__
 from torch_arena._os.memory import PAGE_SIZE, create_memory_file
-from torch_arena._os.limits import available_memory
+from torch_arena._os.limits import available_memory, memory_limits, tightest_limit
 from torch_arena._os.sizes import format_bytes
 from torch_arena._arena.elastic import default_max_bytes
 from torch_arena._loader.session import HELD_BATCHES, arena_slots
@@ -45,21 +46,33 @@ def _meminfo(field: str) -> int | None:
         return None
 
 
-def _cgroup_limit() -> tuple[int | None, str]:
-    """The memory cgroup limit in bytes (None: unlimited or unknown) and its source."""
-    for path, label in (
-        ("/sys/fs/cgroup/memory.max", "cgroup v2 memory.max"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "cgroup v1 memory.limit_in_bytes"),
-    ):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < (1 << 60):
-            return int(text), label
-        return None, f"none ({label} is unlimited)"
-    return None, "no memory cgroup found"
+def _cgroup_limit() -> dict[str, Any]:
+    """The memory cgroup limit that binds first, where it is, and every level read.
+
+    ``cgroup_limit`` is the limit with the least headroom over the process's
+    cgroup and its ancestors (None: all unlimited, or no memory cgroup);
+    ``cgroup_path`` and ``cgroup_file`` say where it is set (the process's own
+    cgroup when none is), ``cgroup_limits`` lists every limit file read.
+    """
+    limits = memory_limits()
+    tightest = tightest_limit(limits)
+    if tightest is not None:
+        source = tightest.describe()
+    elif limits:
+        first = limits[0]
+        above = len({lim.cgroup for lim in limits if lim.version == first.version}) - 1
+        source = (f"none (cgroup v{first.version} {first.name} is unlimited at {first.cgroup}"
+                  + (f" and its {above} ancestors)" if above else ")"))
+    else:
+        source = "no memory cgroup found"
+    shown = tightest or (limits[0] if limits else None)
+    return {
+        "cgroup_limit": tightest.limit if tightest else None,
+        "cgroup_source": source,
+        "cgroup_path": shown.cgroup if shown else None,
+        "cgroup_file": shown.file if shown else None,
+        "cgroup_limits": [dict(asdict(lim), headroom=lim.headroom) for lim in limits],
+    }
 
 
 def _memfd_status() -> tuple[bool, str]:
@@ -81,7 +94,6 @@ def collect_facts() -> dict[str, Any]:
         shm_size, shm_free = stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
     except OSError:
         shm_size = shm_free = None
-    limit, limit_source = _cgroup_limit()
     available, available_source = available_memory()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return {
@@ -95,8 +107,7 @@ def collect_facts() -> dict[str, Any]:
         "dev_shm_size": shm_size,
         "dev_shm_free": shm_free,
         "mem_available": _meminfo("MemAvailable"),
-        "cgroup_limit": limit,
-        "cgroup_source": limit_source,
+        **_cgroup_limit(),
         "arena_available": available,
         "arena_available_source": available_source,
         "sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
@@ -134,6 +145,20 @@ def _bytes(n: int | None) -> str:
     return "unknown" if n is None else format_bytes(n)
 
 
+def _cgroup_lines(f: dict[str, Any]) -> list[str]:
+    """The cgroup part of the report: the limit that binds first, its file, and
+    each limit file read (the process's cgroup first, then its ancestors)."""
+    if f["cgroup_limit"] is None:
+        return [f"  cgroup limit      {f['cgroup_source']}"]
+    levels = "; ".join(
+        f"{lim['cgroup']} {lim['file'].rsplit('/', 1)[-1]} {_bytes(lim['limit']) if lim['limit'] else 'unlimited'}"
+        for lim in f["cgroup_limits"]
+    )
+    return [f"  cgroup limit      {_bytes(f['cgroup_limit'])}: {f['cgroup_source']}",
+            f"  cgroup file       {f['cgroup_file']}",
+            f"  cgroup levels     {levels}"]
+
+
 def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace) -> list[str]:
     """The human-readable report, one line per entry."""
     f, budget = facts, rec["arena_budget"]
@@ -148,7 +173,7 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
         f"  memfd_create      {f['memfd_note']}",
         f"  /dev/shm          {shm} (torch's default transport uses it; the arena does not)",
         f"  MemAvailable      {_bytes(f['mem_available'])}",
-        f"  cgroup limit      {_bytes(f['cgroup_limit']) if f['cgroup_limit'] else f['cgroup_source']}",
+        *_cgroup_lines(f),
         f"  arenas may take   {_bytes(f['arena_available'])} ({f['arena_available_source']})",
         "multiprocessing",
         f"  start method      {f['start_method']}",
