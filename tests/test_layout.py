@@ -28,6 +28,7 @@ LAYERS = {
     "lightning": 5,
     "accelerate": 5,
     "torchdata": 5,
+    "_startup": 5,
     "__init__": 6,
     "_tools": 7,
     "__main__": 8,

@@ -1,4 +1,4 @@
-"""Command line: ``python -m torch_arena {demo,bench,doctor}``."""
+"""Command line: ``python -m torch_arena {demo,bench,doctor,hook}``."""
 
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ def main(argv: "list[str] | None" = None) -> int:
         add_help=False,
     )
     sub.add_parser("doctor", help="platform facts that matter and recommended arena sizes", add_help=False)
+    sub.add_parser("hook", help="the start-up hook that reads TORCH_ARENA: status, install, remove", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from torch_arena._tools.demo import main as run
     elif args.command == "bench":
         from torch_arena._tools.bench import main as run
+    elif args.command == "hook":
+        from torch_arena._tools.hook import main as run
     else:
         from torch_arena._tools.doctor import main as run
     return int(run(rest) or 0)

@@ -40,7 +40,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from torch_arena._codec.offload import DEFAULT_THRESHOLD
+from torch_arena._codec.envelope import DEFAULT_THRESHOLD
 from torch_arena._loader.hooks import adopting
 from torch_arena._loader.loader_arena import arena_state, release_all
 from torch_arena._loader.settings import DEFAULT_ARENA_TIMEOUT_S, ArenaSettings

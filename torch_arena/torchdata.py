@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch_arena._loader.dataloader import ArenaDataLoader
+from torch_arena._loader.dataloader import ArenaDataLoader, T_co
 from torch_arena._loader.loader_arena import LoaderArena
 
 try:
@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["ArenaStatefulDataLoader"]
 
 
-class ArenaStatefulDataLoader(ArenaDataLoader, StatefulDataLoader):
+class ArenaStatefulDataLoader(ArenaDataLoader[T_co], StatefulDataLoader[T_co]):
     """torchdata's :class:`~torchdata.stateful_dataloader.StatefulDataLoader`
     whose workers send batches through a shared-memory arena.
 

@@ -140,11 +140,12 @@ class ElasticSpace(Space):
     def close_unit(self, units: UnitTable, slot: int, last: Placement | None, used: int) -> tuple[Extent, ...]:
         views = self.views(units)
         extents = views.extents
-        if last is not None:
-            row, keep = last.hint, align_up(used, PAGE_SIZE)
+        keep = align_up(used, PAGE_SIZE)
+        if last is not None and keep < last.length:  # an unused tail to give back
+            row = last.hint
             if not (0 <= row < extents.rows and extents.state[row] == BUSY and extents.start[row] == last.start):
                 row = extents.row_containing(last.start, last.length)  # busy rows never move; checked anyway
-            if row >= 0 and keep < last.length:
+            if row >= 0:
                 units.charge(slot, -extents.shrink(row, keep))
         views.working_set.tick(units.words[H_BYTES])
         return self._trim_excess(views)

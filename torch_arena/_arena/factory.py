@@ -9,10 +9,7 @@ from __future__ import annotations
 from torch_arena._arena.elastic import SharedMemoryElasticPool, SharedMemoryElasticRing, default_max_bytes
 from torch_arena._arena.protocol import Arena
 
-__all__ = ["ARENA_NAMES", "default_max_bytes", "make_arena"]
-
-#: The arenas a loader can make by name.
-ARENA_NAMES = ("pool", "ring")
+__all__ = ["default_max_bytes", "make_arena"]
 
 
 def make_arena(name: str, budget: int | None, timeout: float) -> Arena:
@@ -22,4 +19,4 @@ def make_arena(name: str, budget: int | None, timeout: float) -> Arena:
         return SharedMemoryElasticPool(budget, acquire_timeout=timeout)
     if name == "ring":
         return SharedMemoryElasticRing(budget, acquire_timeout=timeout)
-    raise ValueError(f"no arena is named {name!r}: use one of {ARENA_NAMES}")
+    raise ValueError(f"no arena is named {name!r}: use 'pool' or 'ring'")

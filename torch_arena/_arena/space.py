@@ -81,15 +81,15 @@ class Space(abc.ABC):
     file: "ArenaFile | None" = None
 
     #: The class of this process's views of the backend's header region,
-    #: made from ``(units, region)`` and holding ``header`` (None: no region).
+    #: made from ``(units, region)`` (None: the backend has no region).
     views_class: Any = None
-    _views_made: Any = None
 
     def views(self, units: UnitTable) -> Any:
-        """This process's views of the backend's header region (made once per mapping)."""
-        made = self._views_made
-        if made is None or made.header is not units.header:
-            made = self._views_made = self.views_class(units, self.region)
+        """This process's views of the backend's header region, kept beside the
+        unit table's (so made once per mapping)."""
+        made = units.backend
+        if made is None:
+            made = units.backend = self.views_class(units, self.region)
         return made
 
     def header_slots(self) -> int:

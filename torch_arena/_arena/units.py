@@ -47,7 +47,7 @@ def split_span(span: int) -> tuple[int, int]:
 class UnitTable:
     """Column views over the unit table of one arena file (no state of its own)."""
 
-    __slots__ = ("header", "words", "slots", "state", "gen", "owner", "nbytes", "state_array")
+    __slots__ = ("header", "words", "slots", "state", "gen", "owner", "nbytes", "state_array", "backend")
 
     def __init__(self, file: "ArenaFile") -> None:
         header, words = file.header, file.words
@@ -57,6 +57,8 @@ class UnitTable:
             words[UNIT_TABLE + i * slots : UNIT_TABLE + (i + 1) * slots] for i in range(COLUMNS)
         )
         self.state_array = header[UNIT_TABLE : UNIT_TABLE + slots]
+        self.backend: object = None
+        """The backend's views of its own header region (see ``Space.views``)."""
 
     @staticmethod
     def header_slots(slots: int) -> int:

@@ -26,7 +26,11 @@ import struct
 import zlib
 from typing import Any
 
-__all__ = ["PID_TAG", "pack_envelope", "parse_envelope", "read_envelope"]
+__all__ = ["DEFAULT_THRESHOLD", "PID_TAG", "pack_envelope", "parse_envelope", "read_envelope"]
+
+#: Leaves (tensors, arrays, bytes) smaller than this many bytes travel inside
+#: the envelope instead of through the arena.
+DEFAULT_THRESHOLD = 4096
 
 _MAGIC = b"TAE2"
 _HEADER = struct.Struct("<4sQQqI")

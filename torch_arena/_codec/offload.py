@@ -21,12 +21,11 @@ from torch_arena._arena.protocol import ArenaWriter
 from torch_arena._codec import handlers as _handlers
 from torch_arena._codec import payloads
 from torch_arena._codec.endpoints import as_writer
-from torch_arena._codec.envelope import PID_TAG, pack_envelope
+from torch_arena._codec.envelope import DEFAULT_THRESHOLD, PID_TAG, pack_envelope
 from torch_arena._codec.ownership import OwnershipPickler
 
 __all__ = ["DEFAULT_THRESHOLD", "offload", "offload_open_unit"]
 
-DEFAULT_THRESHOLD = 4096
 #: Smallest bytes inside another object's state worth an arena reference. They
 #: are copied out on restore anyway, and below ~4-8 KiB a reference (allocate,
 #: copy in, look up, copy out: ~10 us) costs more than inlining them in the

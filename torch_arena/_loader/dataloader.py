@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-from torch_arena._codec.offload import DEFAULT_THRESHOLD
+from torch_arena._codec.envelope import DEFAULT_THRESHOLD
 from torch_arena._loader.hooks import offer_within_caller
 from torch_arena._loader.iterators import ArenaMultiProcessingDataLoaderIter, track
 from torch_arena._loader.loader_arena import ATTRIBUTE, LoaderArena
@@ -28,16 +28,18 @@ from torch_arena._loader.stats import ArenaStats
 
 __all__ = ["ArenaDataLoader"]
 
+T_co = TypeVar("T_co", covariant=True)
 #: Loader keyword argument -> :class:`ArenaSettings` field.
 _FIELDS = dict(zip(SETTING_NAMES, (f.name for f in dataclasses.fields(ArenaSettings))))
 
 
-class ArenaDataLoader(DataLoader):
+class ArenaDataLoader(DataLoader[T_co]):
     """A drop-in :class:`torch.utils.data.DataLoader` whose workers send batches
     through a shared-memory arena.
 
-    Every DataLoader argument keeps its meaning. The extra keyword-only
-    arguments (see :class:`~torch_arena.ArenaSettings`):
+    Every DataLoader argument keeps its meaning, and like ``DataLoader`` it is
+    generic in the batch type (``ArenaDataLoader[Batch]``). The extra
+    keyword-only arguments (see :class:`~torch_arena.ArenaSettings`):
 
     Args:
         arena: ``"pool"`` (the default: an elastic pool, zero-copy views, sized

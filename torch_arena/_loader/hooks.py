@@ -11,8 +11,10 @@ workers write into the arena. Two hooks on each loader class provide them:
   (a ``StatefulDataLoader``'s first ``state_dict()`` does), so the first
   iterator is already an arena iterator;
 * ``_get_iterator``: a loader with arena settings and workers gets an arena
-  iterator (the class's own factory, :func:`register`); any other loader gets
-  exactly the class's own iterator.
+  iterator (the class's own factory, :func:`register`); a loader without any
+  takes the switch's settings, when the switch is on
+  (:mod:`torch_arena._loader.switch`); any other loader gets exactly the
+  class's own iterator.
 
 The hooks are installed the first time something needs them (never at
 import), wrap the originals with ``functools.wraps`` (so signatures that
@@ -31,18 +33,22 @@ from typing import Any, NamedTuple
 
 from torch.utils.data import DataLoader
 
+from torch_arena._loader.after_import import when_imported
 from torch_arena._loader.iterators import ArenaMultiProcessingDataLoaderIter, track
 from torch_arena._loader.loader_arena import ATTRIBUTE, LoaderArena, adopt, arena_state
 from torch_arena._loader.settings import ArenaSettings
 from torch_arena._loader.stats import ArenaStats
 
-__all__ = ["adopting", "offer_within_caller", "register"]
+__all__ = ["adopting", "install", "offer_within_caller", "register", "set_default"]
 
 IteratorFactory = Callable[[Any, LoaderArena], Any]
 _factories: dict[type, IteratorFactory] = {}
 _forgetters: dict[type, Callable[[Any], None]] = {}
 _install_lock = threading.Lock()
 _pending = threading.local()
+#: The switch's settings: what a loader without settings of its own adopts
+#: when its first iterator starts (None: the switch is off).
+_default: ArenaSettings | None = None
 
 
 def _forget_iterator(loader: Any) -> None:
@@ -71,6 +77,8 @@ def register(cls: type, factory: IteratorFactory, forget: Callable[[Any], None] 
         @functools.wraps(original_get_iterator)
         def _get_iterator(self: Any) -> Any:
             state = arena_state(self)
+            if state is None and _default is not None and self.num_workers > 0:
+                state = adopt(self, _default)
             if state is None or not state.uses_arena(self) or type(self)._get_iterator is not _get_iterator:
                 return original_get_iterator(self)
             self.check_worker_number_rationality()
@@ -99,16 +107,26 @@ def _release_arena(loader: Any) -> None:
                 break
 
 
-def _ensure_default() -> None:
-    """Hook torch's DataLoader, and torchdata's StatefulDataLoader where torchdata is installed."""
-    if DataLoader in _factories:
-        return
-    register(DataLoader, ArenaMultiProcessingDataLoaderIter)
-    try:
-        from torch_arena._loader import stateful
-    except ImportError:  # torchdata is not installed, or too old
-        return
+def install() -> None:
+    """Hook torch's DataLoader now, and torchdata's StatefulDataLoader once it
+    is imported (at once if it is)."""
+    if DataLoader not in _factories:
+        register(DataLoader, ArenaMultiProcessingDataLoaderIter)
+        when_imported("torchdata.stateful_dataloader.stateful_dataloader", _register_stateful)
+
+
+def _register_stateful(_: object) -> None:
+    from torch_arena._loader import stateful
+
     register(stateful.StatefulDataLoader, stateful.stateful_iterator, stateful.forget_iterator)
+
+
+def set_default(settings: ArenaSettings | None) -> None:
+    """The settings loaders without their own adopt (the switch's); installs the hooks."""
+    global _default
+    if settings is not None:
+        install()
+    _default = settings
 
 
 class _Offer(NamedTuple):
@@ -123,7 +141,7 @@ def adopting(settings: ArenaSettings, dataset: Any = None) -> Iterator[None]:
     or a wrapper of it such as Accelerate's ``IterableDatasetShard``, when
     given) takes ``settings``: for a framework that builds its own loader from
     one of ours."""
-    _ensure_default()
+    install()
     previous = getattr(_pending, "offer", None)
     _pending.offer = _Offer(settings, dataset, None)
     try:
@@ -136,7 +154,7 @@ def offer_within_caller(settings: ArenaSettings, dataset: Any, depth: int = 2) -
     """Offer ``settings`` to the next loader built over ``dataset`` while the
     frame ``depth`` levels up (the framework's function that is about to build
     one) is still running; the offer lapses when that call returns."""
-    _ensure_default()
+    install()
     frame = sys._getframe(depth)
     _pending.offer = _Offer(settings, dataset, (id(frame), frame.f_code))
 

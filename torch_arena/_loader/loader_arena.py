@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch_arena._arena.factory import make_arena
+from torch_arena._loader import report
 from torch_arena._loader.session import ArenaSession, arena_slots, warn_if_too_few_units
 from torch_arena._loader.settings import ArenaSettings
 from torch_arena._loader.stats import ArenaStats
@@ -37,6 +38,7 @@ class LoaderArena:
         self.session: ArenaSession | None = None
         self._session_key: tuple[Any, ...] | None = None
         self.iterators: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.record = report.track(self)  # TORCH_ARENA_REPORT=1
 
     def __getstate__(self) -> dict[str, Any]:
         # A pickled loader (ddp_spawn) carries its settings, never a live arena.
@@ -61,9 +63,11 @@ class LoaderArena:
         if session is not None and session.pid != os.getpid():
             session = None  # inherited through fork (ddp_fork): the parent's, not ours to close
         elif session is not None and (self._session_key != key or session.arena.closed):
-            session.close()
+            self._close(session)
             session = None
         if session is None:
+            if self.record is not None:
+                self.record.describe(loader)
             if isinstance(arena, str):
                 session = ArenaSession(make_arena(arena, settings.budget, settings.timeout), owned=True, slots=slots)
             else:
@@ -84,7 +88,12 @@ class LoaderArena:
             iterator._shutdown_workers()
         session, self.session, self._session_key = self.session, None, None
         if session is not None:
-            session.close()
+            self._close(session)
+
+    def _close(self, session: ArenaSession) -> None:
+        if self.record is not None:
+            self.record.add(session.snapshot())  # what it moved outlives it in the report
+        session.close()
 
 
 def arena_state(loader: Any) -> LoaderArena | None:

@@ -39,7 +39,8 @@ from torch.multiprocessing import reductions as torch_reductions
 
 from torch_arena._arena.protocol import Arena
 from torch_arena._codec.envelope import pack_envelope
-from torch_arena._codec.offload import DEFAULT_THRESHOLD, offload_open_unit
+from torch_arena._codec.envelope import DEFAULT_THRESHOLD
+from torch_arena._codec.offload import offload_open_unit
 from torch_arena._codec.payloads import NumpyHandler
 from torch_arena._loader.session import ArenaSession, session_for
 

@@ -5,7 +5,9 @@ budget, what to do with a batch that does not fit, how long a worker waits for
 space, and which leaves go through the arena. ``ArenaDataLoader``,
 ``ArenaStatefulDataLoader``, the Lightning mixin and ``torch_arena.accelerate``
 all build one from their keyword arguments (:meth:`ArenaSettings.from_kwargs`),
-so a setting means the same thing and fails with the same message everywhere.
+and the ``TORCH_ARENA`` variable from its text, so a setting means the same
+thing and fails with the same message everywhere. The module imports nothing
+heavy: the interpreter's start-up hook validates ``TORCH_ARENA`` with it.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from torch_arena._arena.factory import ARENA_NAMES
-from torch_arena._arena.protocol import Arena
-from torch_arena._codec.offload import DEFAULT_THRESHOLD
+from torch_arena._codec.envelope import DEFAULT_THRESHOLD
 from torch_arena._os.sizes import parse_bytes
 
-__all__ = ["ArenaName", "ArenaSettings", "DEFAULT_ARENA_TIMEOUT_S", "OVERFLOW_MODES", "SETTING_NAMES"]
+__all__ = ["ARENA_NAMES", "ArenaName", "ArenaSettings", "DEFAULT_ARENA_TIMEOUT_S", "OVERFLOW_MODES", "SETTING_NAMES"]
 
+#: The arenas a loader makes by name (see :mod:`torch_arena._arena.factory`).
+ARENA_NAMES = ("pool", "ring")
 ArenaName = Literal["pool", "ring", "none"]
 """The arenas a loader makes by name; ``"none"`` is torch's stock transport."""
 #: Seconds a worker waits for arena space before the batch falls back (or
@@ -107,8 +109,11 @@ def _arena_value(arena: Any, *, allow_instance: bool) -> Any:
         return None
     if isinstance(arena, str) and arena in ARENA_NAMES:
         return arena
-    if allow_instance and not isinstance(arena, str) and isinstance(arena, Arena):
-        return arena
+    if allow_instance and not isinstance(arena, str):
+        from torch_arena._arena.protocol import Arena  # here: the name check above must stay light
+
+        if isinstance(arena, Arena):
+            return arena
     if allow_instance:
         extra = ", or a torch_arena arena instance such as SharedMemorySegmentPool(...)"
     elif not isinstance(arena, str):

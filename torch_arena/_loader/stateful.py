@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.stateful_dataloader import _StatefulMultiProcessingDataLoaderIter
+# From the module itself, not the package: this may run right after the module
+# was imported, while the package is still importing it (see hooks.py).
+from torchdata.stateful_dataloader.stateful_dataloader import (
+    StatefulDataLoader,
+    _StatefulMultiProcessingDataLoaderIter,
+)
 
 from torch_arena._loader.iterators import ArenaIteratorMixin
 from torch_arena._loader.loader_arena import LoaderArena
