@@ -74,7 +74,7 @@ def parse(text: str) -> ArenaSettings:
             kwargs[KEYS[key]] = cast(value) if cast is not None else value
         except ValueError:
             raise ValueError(f"{VARIABLE}={text!r}: {key} must be a {cast.__name__}, got {value!r}") from None
-    return ArenaSettings.from_kwargs(where=f"{VARIABLE}={text!r}", allow_instance=False, **kwargs)
+    return ArenaSettings.from_arguments(where=f"{VARIABLE}={text!r}", allow_instance=False, **kwargs)
 
 
 def run() -> None:

@@ -102,14 +102,9 @@ def attach(
         ``accelerator``. Calling ``attach`` again only changes the settings
         for plain loaders.
     """
-    settings = ArenaSettings.from_kwargs(
-        where="torch_arena.accelerate.attach",
-        allow_instance=False,
-        arena=arena,
-        arena_budget=arena_budget,
-        arena_overflow=arena_overflow,
-        arena_timeout=arena_timeout,
-        arena_threshold=arena_threshold,
+    settings = ArenaSettings.from_arguments(
+        arena, arena_budget, arena_overflow, arena_timeout, arena_threshold,
+        where="torch_arena.accelerate.attach", allow_instance=False,
     )
     attachment = accelerator.__dict__.get(_ATTACHMENT)
     if attachment is None:

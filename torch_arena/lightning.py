@@ -103,14 +103,10 @@ class ArenaDataModuleMixin:
             arena_threshold: Tensors and arrays smaller than this many bytes
                 travel inline.
         """
-        settings = ArenaSettings.from_kwargs(
-            where=type(self).__name__,
-            allow_instance=False,
-            arena=type(self).default_arena if arena is None else arena,
-            arena_budget=arena_budget,
-            arena_overflow=arena_overflow,
-            arena_timeout=arena_timeout,
-            arena_threshold=arena_threshold,
+        chosen = type(self).default_arena if arena is None else arena
+        settings = ArenaSettings.from_arguments(
+            chosen, arena_budget, arena_overflow, arena_timeout, arena_threshold,
+            where=type(self).__name__, allow_instance=False,
         )
         # Public, under the __init__ names (LightningCLI and hparams read them).
         self.arena: Optional[str] = settings.arena
@@ -137,7 +133,7 @@ class ArenaDataModuleMixin:
         arena is ``"none"``.
         """
         chosen = {key: dataloader_kwargs.pop(key, getattr(self, key)) for key in SETTING_NAMES}
-        settings = ArenaSettings.from_kwargs(where=f"{type(self).__name__}.arena_dataloader", **chosen)
+        settings = ArenaSettings.from_arguments(where=f"{type(self).__name__}.arena_dataloader", **chosen)
         if not settings.enabled:
             return DataLoader(dataset, **dataloader_kwargs)
         loader = ArenaDataLoader(dataset, **dataloader_kwargs, **settings.as_kwargs())

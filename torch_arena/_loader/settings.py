@@ -4,7 +4,7 @@
 budget, what to do with a batch that does not fit, how long a worker waits for
 space, and which leaves go through the arena. ``ArenaDataLoader``,
 ``ArenaStatefulDataLoader``, the Lightning mixin and ``torch_arena.accelerate``
-all build one from their keyword arguments (:meth:`ArenaSettings.from_kwargs`),
+all build one from their arguments (:meth:`ArenaSettings.from_arguments`),
 and the ``TORCH_ARENA`` variable from its text, so a setting means the same
 thing and fails with the same message everywhere. The module imports nothing
 heavy: the interpreter's start-up hook validates ``TORCH_ARENA`` with it.
@@ -71,20 +71,20 @@ class ArenaSettings:
             raise ValueError(f"arena_threshold must be an int >= 0, got {threshold!r}")
 
     @classmethod
-    def from_kwargs(
+    def from_arguments(
         cls,
-        *,
-        where: str = "",
-        allow_instance: bool = True,
         arena: Any = "pool",
         arena_budget: Any = None,
         arena_overflow: str = "fallback",
         arena_timeout: float = DEFAULT_ARENA_TIMEOUT_S,
         arena_threshold: int = DEFAULT_THRESHOLD,
+        *,
+        where: str = "",
+        allow_instance: bool = True,
     ) -> "ArenaSettings":
-        """Settings from the loader keyword arguments. Errors start with
-        ``where`` (the class or function the user called) when given;
-        ``allow_instance``: whether an arena instance is accepted."""
+        """Settings from the loader arguments (their names, or in that order).
+        Errors start with ``where`` (the class or function the user called)
+        when given; ``allow_instance``: whether an arena instance is accepted."""
         try:
             _arena_value(arena, allow_instance=allow_instance)
             return cls(arena, arena_budget, arena_overflow, arena_timeout, arena_threshold)

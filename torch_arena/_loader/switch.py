@@ -69,14 +69,8 @@ def enable(
     loader that adopts them gets an arena of its own. Returns a
     :class:`Switched` (a context manager that puts the switch back on exit).
     """
-    settings = ArenaSettings.from_kwargs(
-        where=_where,
-        allow_instance=False,
-        arena=arena,
-        arena_budget=arena_budget,
-        arena_overflow=arena_overflow,
-        arena_timeout=arena_timeout,
-        arena_threshold=arena_threshold,
+    settings = ArenaSettings.from_arguments(
+        arena, arena_budget, arena_overflow, arena_timeout, arena_threshold, where=_where, allow_instance=False
     )
     return _set(settings if settings.enabled else None, _where)
 
