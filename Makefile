@@ -21,6 +21,8 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev,lightning,bench,spdl,docs,accelerate,torchdata,hf]"
+	# an editable install does not carry the start-up hook that reads TORCH_ARENA
+	$(PY) -m torch_arena hook install
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,16 +1,19 @@
-"""The HF Trainer with its batches through an arena: one added line.
+"""The HF Trainer with its batches through an arena: no code, or one added line.
 
-    python examples/hf_trainer.py
-    torchrun --nproc_per_node 2 examples/hf_trainer.py
+    TORCH_ARENA=pool python examples/hf_trainer.py            # nothing in the script
+    TORCH_ARENA=pool torchrun --nproc_per_node 2 examples/hf_trainer.py
+    python examples/hf_trainer.py --attach pool                # the one line instead
 
 A tiny BERT classifier built from a config in code (nothing downloaded) trains
 for a few steps on synthetic token sequences. The Trainer builds plain
-DataLoaders and hands them to its ``accelerator``; the added line makes that
-accelerator give each one an arena:
+DataLoaders and hands them to its ``accelerator``. With ``TORCH_ARENA`` set,
+every DataLoader of the process goes through an arena and the script needs no
+torch_arena line at all; ``--attach`` shows the explicit form instead:
 
     torch_arena.accelerate.attach(trainer.accelerator, arena="pool")
 
-A callback reports what the train loader's arena moved.
+A callback reports what the train loader's arena moved (``arena_stats``,
+which every loader the arena touched has; 0 batches: stock transport).
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
-
-import torch_arena.accelerate
 
 SEQUENCE = 64
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--arena", choices=["pool", "ring", "none"], default="pool")
+    parser.add_argument("--attach", choices=["pool", "ring"], default=None,
+                        help="give the Trainer's loaders an arena in code, instead of TORCH_ARENA")
     args = parser.parse_args(argv)
 
     config = BertConfig(
@@ -93,9 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_dataset=TokenSequences(256, config.vocab_size),
             callbacks=[report],
         )
-        torch_arena.accelerate.attach(trainer.accelerator, arena=args.arena)  # the added line
+        if args.attach:
+            import torch_arena.accelerate
+
+            torch_arena.accelerate.attach(trainer.accelerator, arena=args.attach)  # the one added line
         result = trainer.train()
-        trainer.accelerator.end_training()  # stops the loaders' workers, frees their arenas
+        trainer.accelerator.end_training()  # stops the loaders' workers
     batches, fallbacks = (report.stats.batches, report.stats.fallbacks) if report.stats else (0, 0)
     print(
         f"trained {result.global_step} steps, loss {result.training_loss:.3f}; train loader: "

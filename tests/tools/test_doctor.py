@@ -153,3 +153,17 @@ def test_warns_that_stock_torch_fails_on_a_small_dev_shm():
     assert proc.returncode == 0, proc.stderr
     assert "/dev/shm          64.0 MiB" in proc.stdout
     assert "the stock DataLoader fails here ('No space left on device'" in proc.stdout
+
+
+def test_doctor_reports_the_switch_and_its_start_up_hook(monkeypatch):
+    monkeypatch.setenv("TORCH_ARENA", "ring,budget=2GiB")
+    proc = doctor("--json")
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)["facts"]
+    assert facts["switch_variable"] == "ring,budget=2GiB" and facts["switch_on"]
+    assert facts["switch_resolved"].startswith("ring, budget 2.0 GiB, overflow fallback")
+    assert facts["startup_hook"] and facts["startup_hook"][0].endswith("torch_arena-startup.pth")
+    text = doctor().stdout
+    assert "TORCH_ARENA       'ring,budget=2GiB' -> ring, budget 2.0 GiB" in text
+    monkeypatch.delenv("TORCH_ARENA")
+    assert "TORCH_ARENA       unset" in doctor().stdout

@@ -107,10 +107,12 @@ class ElasticSpace(Space):
     # -- sizing --------------------------------------------------------------------------
     def chunk(self, taken: int, used: int, nbytes: int) -> int:
         cap = self.max_bytes
-        if taken + align_up(nbytes, PAGE_SIZE) > cap:
+        pages = -(-nbytes // PAGE_SIZE) * PAGE_SIZE
+        if taken + pages > cap:
             raise too_large(taken + nbytes, f"a {self.noun} capped at {format_bytes(cap)}", cap, "max_bytes")
-        need = align_up(max(nbytes, MIN_CHUNK, min(taken, MAX_GROWTH)), PAGE_SIZE)
-        return need if taken + need <= cap else align_up(nbytes, PAGE_SIZE)
+        # At least the binary and MIN_CHUNK; growing with the unit, by MAX_GROWTH at most.
+        need = max(pages, MIN_CHUNK, -(-min(taken, MAX_GROWTH) // PAGE_SIZE) * PAGE_SIZE)
+        return need if taken + need <= cap else pages
 
     # -- under the lock --------------------------------------------------------------------
     def take(self, units: UnitTable, slot: int, nbytes: int, need: int, pid: int) -> Placement | None:
@@ -147,8 +149,10 @@ class ElasticSpace(Space):
                 row = extents.row_containing(last.start, last.length)  # busy rows never move; checked anyway
             if row >= 0:
                 units.charge(slot, -extents.shrink(row, keep))
-        views.working_set.tick(units.words[H_BYTES])
-        return self._trim_excess(views)
+        working_set = views.working_set
+        working_set.tick(units.words[H_BYTES])
+        excess = views.words[_COMMITTED] - working_set.keep()
+        return self._mark_trim(views, excess, current_pid()) if excess > 0 else ()
 
     def free_unit(self, units: UnitTable, slot: int, *, punch: bool) -> None:
         views = self.views(units)
@@ -215,10 +219,6 @@ class ElasticSpace(Space):
         excess = min(views.words[_COMMITTED] - keep_bytes, views.extents.bytes_in(WARM))
         return self._mark_trim(views, excess, current_pid()) if excess > 0 else ()
 
-    def _trim_excess(self, views: _Views) -> tuple[Extent, ...]:
-        excess = views.words[_COMMITTED] - views.working_set.keep()
-        return self._mark_trim(views, excess, current_pid()) if excess > 0 else ()
-
     def _mark_trim(self, views: _Views, excess: int, pid: int) -> tuple[Extent, ...]:
         marked = views.extents.mark_trim(align_up(excess, PAGE_SIZE), pid)
         views.words[_COMMITTED] -= sum(length for _, length in marked)
@@ -235,7 +235,8 @@ class ElasticSpace(Space):
         return self.file
 
     def after_take(self, placement: Placement, what: str) -> None:
-        self.give_back(placement.give_back)
+        if placement.give_back:
+            self.give_back(placement.give_back)
         if placement.fresh:
             file = self._file()
             commit_range(file.fds.memory_fd, file.header_bytes + placement.start, placement.length, what)

@@ -3,7 +3,7 @@
 Prints what decides whether the DataLoader's transport works on this machine
 (memfd support, the size of ``/dev/shm``, the memory available and the memory
 cgroup limit, torch's sharing strategy, the open-file limit, the start method,
-versions), what the loader's elastic pool will commit for a batch size,
+versions, the ``TORCH_ARENA`` switch and its start-up hook), what the loader's elastic pool will commit for a batch size,
 ``num_workers`` and ``prefetch_factor``, and sizes for the fixed pool and the
 ring, which need them. ``--json`` prints the same as one JSON object. The exit
 status is 1 when the recommended arena does not fit in the memory available
@@ -86,6 +86,40 @@ def _memfd_status() -> tuple[bool, str]:
     return True, "yes (a one-page file was created and reserved)"
 
 
+def _switch_facts() -> dict[str, Any]:
+    """``TORCH_ARENA``: its value, what it resolves to, and whether the start-up
+    hook that reads it is installed here."""
+    from torch_arena._startup import OFF, VARIABLE, parse
+    from torch_arena._tools.hook import installed
+
+    raw = os.environ.get(VARIABLE)
+    resolved, error = None, None
+    if raw is not None:
+        try:
+            settings = parse(raw)
+            resolved = ("off (torch's own transport)" if not settings.enabled else
+                        f"{settings.arena}, budget {_bytes(settings.budget) if settings.budget else 'default'}, "
+                        f"overflow {settings.overflow}, timeout {settings.timeout:g} s, threshold {settings.threshold}")
+        except ValueError as exc:
+            error = str(exc)
+    return {
+        "switch_variable": raw,
+        "switch_on": raw is not None and raw.strip().lower() not in OFF and error is None,
+        "switch_resolved": resolved,
+        "switch_error": error,
+        "startup_hook": [str(p) for p in installed()],
+        "switch_report": os.environ.get("TORCH_ARENA_REPORT", ""),
+    }
+
+
+def _switch_lines(f: dict[str, Any]) -> list[str]:
+    raw = f["switch_variable"]
+    value = "unset: only ArenaDataLoader and the integrations' loaders use arenas" if raw is None else (
+        f"{raw!r} -> {f['switch_resolved'] or 'invalid (see warnings)'}")
+    hook = ", ".join(f["startup_hook"]) or "not installed (python -m torch_arena hook install)"
+    return ["switch", f"  TORCH_ARENA       {value}", f"  start-up hook     {hook}"]
+
+
 def collect_facts() -> dict[str, Any]:
     """Everything the report shows about this machine, as plain values."""
     memfd_ok, memfd_note = _memfd_status()
@@ -115,6 +149,7 @@ def collect_facts() -> dict[str, Any]:
         "nofile_hard": hard,
         "start_method": multiprocessing.get_start_method(),
         "cpu_count": os.cpu_count(),
+        **_switch_facts(),
     }
 
 
@@ -179,6 +214,7 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
         f"  start method      {f['start_method']}",
         f"  sharing strategy  {f['sharing_strategy']} (torch.multiprocessing.get_sharing_strategy())",
         f"  open files        {f['nofile_soft']} (hard limit {f['nofile_hard']})",
+        *_switch_lines(f),
         f"recommendation for batches of {format_bytes(args.batch_bytes)}, num_workers={args.num_workers}, "
         f"prefetch_factor={args.prefetch_factor}" + (", pin_memory=True" if args.pin_memory else ""),
         f"  slots             {rec['slots']} = {args.num_workers} workers x {args.prefetch_factor} prefetched"
@@ -211,6 +247,11 @@ def _report(facts: dict[str, Any], rec: dict[str, int], args: argparse.Namespace
         warnings.append(f"the batches in flight need up to {format_bytes(rec['pool_committed_bound'])}, more "
                         f"than the elastic pool's default cap of {format_bytes(rec['pool_default_cap'])}: "
                         f"pass arena_budget={rec['pool_committed_bound']} (workers wait for space at the cap)")
+    if f["switch_error"]:
+        warnings.append(f"{f['switch_error']}: every Python process of this environment exits at start-up")
+    elif f["switch_on"] and not f["startup_hook"]:
+        warnings.append("TORCH_ARENA is set but the start-up hook is not installed, so it has no effect: "
+                        "run `python -m torch_arena hook install`")
     lines += (["warnings"] + [f"  - {w}" for w in warnings]) if warnings else ["no warnings"]
     return lines
 
