@@ -1,26 +1,46 @@
 # torch_arena developer entry points. Two commands matter on a fresh machine:
 #   make demo   - set up .venv and run the pool/ring/stock comparison on synthetic data
-#   make test   - set up .venv and run the whole test suite
+#   make test   - run the whole test suite on every torch of TORCH_ENVS, then build the docs
 PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
-# The CPU wheel of this torch lies on the development machines; an unpinned
-# torch would make pip download several GB of CUDA wheels.
-TORCH_PIN := torch==2.13.0
+
+# The torch releases the suite runs on: the ends of setup.cfg's torch range.
+# Each has a venv of its own and the pins installed into it. Pin torch on every
+# pip line: these builds lie on the development machines' disk, and an unpinned
+# torch would make pip download several GB. torch 2.13.0 is the CPU wheel (no
+# torchvision from PyPI imports beside it); torch 2.14.1 + torchvision 0.29.1
+# are CUDA builds (about 5.5 GB in the venv) that run on the CPU.
+TORCH_ENVS := torch2.13 torch2.14
+VENV_torch2.13 := .venv
+PINS_torch2.13 := torch==2.13.0
+VENV_torch2.14 := .venv-torch2.14
+PINS_torch2.14 := torch==2.14.1 torchvision==0.29.1
+
+# The environment that every target but `make test` uses (`make test-fast
+# TORCH_ENV=torch2.14` runs the quick tests on the other one).
+TORCH_ENV ?= torch2.13
+VENV  := $(VENV_$(TORCH_ENV))
+PINS  := $(PINS_$(TORCH_ENV))
+ifeq ($(VENV),)
+$(error unknown TORCH_ENV '$(TORCH_ENV)'; one of: $(TORCH_ENVS))
+endif
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXTRAS := dev,lightning,bench,spdl,docs,accelerate,torchdata,hf
 FFMPEG_LIBS := libavcodec59 libavformat59 libavfilter8 libavdevice59 libavutil57 libswscale6 libswresample4
 
-.PHONY: all venv ffmpeg test test-fast demo bench docs clean
+.PHONY: all venv ffmpeg test test-env test-fast demo bench docs clean
 
 all: test
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) setup.cfg pyproject.toml
+# The Makefile is a prerequisite so that a change of pins reaches the venvs.
+$(STAMP): $(PY) setup.cfg pyproject.toml Makefile
+	@echo "installing $(PINS) and torch-arena[$(EXTRAS)] into $(VENV)"
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[dev,lightning,bench,spdl,docs,accelerate,torchdata,hf]"
+	$(PY) -m pip install -q $(PINS)
+	$(PY) -m pip install -q $(PINS) -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,11 +56,20 @@ ffmpeg:
 	  else echo "note: FFmpeg 5 libraries missing and not root; make test will fail the real-packets tests"; fi; \
 	fi
 
+# The whole suite on every environment of TORCH_ENVS (each runs even when an
+# earlier one failed; any failure fails make test), then the docs, once.
+test: ffmpeg
+	@failed=; for env in $(TORCH_ENVS); do \
+	  $(MAKE) --no-print-directory test-env TORCH_ENV=$$env || failed="$$failed $$env"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: the suite failed on:$$failed"; exit 1; fi
+	$(MAKE) --no-print-directory docs
+
 # TORCH_ARENA_REQUIRE_ALL=1: a test that would skip (an extra, FFmpeg or unshare
 # missing) fails instead: here everything it needs is installed.
-test: venv ffmpeg
+test-env: venv
+	@echo "=== make test: $(TORCH_ENV) ($(PINS), $(VENV)) ==="
 	TORCH_ARENA_REQUIRE_ALL=1 $(PY) -m pytest -q tests
-	$(MAKE) --no-print-directory docs
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
@@ -55,4 +84,4 @@ docs: venv
 	$(PY) -m sphinx -W -q -b html docs docs/_build/html
 
 clean:
-	rm -rf $(VENV) docs/_build build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(foreach env,$(TORCH_ENVS),$(VENV_$(env))) docs/_build build *.egg-info .pytest_cache .hypothesis
