@@ -58,17 +58,20 @@ ffmpeg:
 
 # The whole suite on every environment of TORCH_ENVS (each runs even when an
 # earlier one failed; any failure fails make test), then the docs, once.
-test: ffmpeg
+test:
 	@failed=; for env in $(TORCH_ENVS); do \
+	  echo "=== make test: $$env ==="; \
 	  $(MAKE) --no-print-directory test-env TORCH_ENV=$$env || failed="$$failed $$env"; \
 	done; \
-	if [ -n "$$failed" ]; then echo "make test: the suite failed on:$$failed"; exit 1; fi
+	if [ -n "$$failed" ]; then echo "make test: the suite FAILED on:$$failed"; exit 1; fi; \
+	echo "make test: the suite passed on $(TORCH_ENVS)"
 	$(MAKE) --no-print-directory docs
 
-# TORCH_ARENA_REQUIRE_ALL=1: a test that would skip (an extra, FFmpeg or unshare
-# missing) fails instead: here everything it needs is installed.
-test-env: venv
-	@echo "=== make test: $(TORCH_ENV) ($(PINS), $(VENV)) ==="
+# One environment (TORCH_ENV). TORCH_ARENA_REQUIRE_ALL=1: a test that would
+# skip (an extra, FFmpeg or unshare missing) fails instead: here everything it
+# needs is installed.
+test-env: venv ffmpeg
+	@echo "--- $(TORCH_ENV): $(PINS) in $(VENV) ---"
 	TORCH_ARENA_REQUIRE_ALL=1 $(PY) -m pytest -q tests
 
 test-fast: venv
