@@ -83,6 +83,16 @@ def _list_shm() -> list[str]:
         return []
 
 
+def _own_group_default_sigint() -> None:
+    """In the child before exec: its own process group, and SIGINT at its
+    default, as a program started from a terminal has it. Python installs its
+    KeyboardInterrupt handler only where SIGINT is not ignored at start, and a
+    launcher may pass it down ignored (a background job of a non-interactive
+    shell, nohup): the Ctrl-C scenarios would then never be interrupted."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--timeout", type=float, required=True)
@@ -108,7 +118,7 @@ def main() -> int:
         stderr=subprocess.PIPE,
         text=True,
         errors="replace",
-        preexec_fn=os.setpgrp,  # noqa: PLW1509 - no thread runs yet; its own process group
+        preexec_fn=_own_group_default_sigint,  # noqa: PLW1509 - no thread runs yet
     )
     out_lines: list[str] = []
     err_chunks: list[str] = []

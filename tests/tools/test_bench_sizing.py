@@ -3,12 +3,17 @@ structure and the invariants that hold whatever the timing (no speed asserted)."
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import pytest
 
 pytest.importorskip("psutil")
-pytestmark = pytest.mark.filterwarnings("ignore::torch_arena.ArenaFallbackWarning")  # the fixed pool falls back
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::torch_arena.ArenaFallbackWarning"),  # the fixed pool falls back
+    # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; the pipeline uses decode_jpeg
+    pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning"),
+]
 
 from torch_arena._tools.bench import _pipeline, _sizing, _sizing_report, _sizing_run
 
@@ -105,6 +110,8 @@ def test_pipeline_and_report(tmp_path):
         )
         for t in ("stock", "elastic")
     ]
+    label = _pipeline.decoder_label(_pipeline.default_decoder())  # torchvision where it imports, else PIL
+    assert {r["decoder"] for r in rows} == {label}
     by = {r["transport"]: r for r in rows}
     assert by["elastic"]["fallbacks"] == 0 and by["elastic"]["arena_batches"] >= 3
     assert by["stock"]["arena_batches"] == 0
@@ -112,6 +119,39 @@ def test_pipeline_and_report(tmp_path):
         assert r["steps_per_s"] > 0 and r["main_cpu_ms"] >= r["step_ms"] > 0 and r["worker_cpu_ms"] > 0
     text, complete = _sizing_report.report({"pipeline": rows}, str(tmp_path), "smoke")
     assert complete and "targets:" in text and "pipeline uint8" in text
+    assert f"JPEG decode and transforms: {label}" in text
     for suffix in ("txt", "png", "_pipeline.csv"):
         name = f"smoke{suffix}" if suffix.startswith("_") else f"smoke.{suffix}"
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_pipeline_decodes_with_torchvision_where_it_imports(tmp_path):
+    """make test's torch 2.14 venv has torchvision: its decode_jpeg and
+    transforms.v2 are the default and checked, and PIL's path too; its torch
+    2.13 venv has none (PyPI's does not import beside that CPU wheel): PIL's
+    path is the default and checked. Each variant's float32 sample is its
+    uint8 sample normalized: the same crop and flip, drawn from the index."""
+    import torch
+
+    error = _pipeline.torchvision_error()
+    if error and importlib.util.find_spec("torchvision") is not None:
+        pytest.skip(f"torchvision is installed but does not import beside torch {torch.__version__}: {error}")
+    assert _pipeline.default_decoder() == ("PIL" if error else "torchvision")
+    paths = _pipeline.make_jpegs(str(tmp_path), count=4)
+    if error:
+        with pytest.raises(RuntimeError, match="torchvision does not import"):
+            _pipeline.JpegDataset(paths, "uint8", 8, "torchvision")
+    else:
+        steps = _pipeline.JpegDataset(paths, "float32", 8).transform.transforms
+        assert [type(t).__name__ for t in steps] == ["RandomResizedCrop", "RandomHorizontalFlip", "ToDtype", "Normalize"]
+    mean = torch.tensor(_pipeline.MEAN).view(3, 1, 1)
+    std = torch.tensor(_pipeline.STD).view(3, 1, 1)
+    for decoder in ("PIL",) if error else ("torchvision", "PIL"):
+        f32 = _pipeline.JpegDataset(paths, "float32", 8, decoder)
+        u8 = _pipeline.JpegDataset(paths, "uint8", 8, decoder)
+        assert f32.decoder == u8.decoder == decoder
+        a, b = f32[5], u8[5]
+        assert tuple(a.shape) == tuple(b.shape) == (3, 224, 224), decoder
+        assert a.dtype == torch.float32 and b.dtype == torch.uint8 and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, f32[5]) and not torch.equal(a, f32[6]), decoder  # drawn from the index
+        assert torch.allclose(a, (b.float() - mean) / std, atol=1e-4), decoder

@@ -1,6 +1,13 @@
-"""A real input pipeline: JPEG decode (PIL), random resized crop to 224², flip,
+"""A real input pipeline: JPEG decode, random resized crop to 224², flip,
 then float32-normalized CHW (batch 128) or uint8 CHW (batch 256), 2 workers,
 a training step in the main loop that reads the whole batch.
+
+Decode and transforms are torchvision's where it imports
+(``torchvision.io.decode_jpeg``, then ``torchvision.transforms.v2``:
+``RandomResizedCrop(224)``, ``RandomHorizontalFlip()`` and, for float32,
+``ToDtype(float32, scale=True)`` + ``Normalize``), what a user's pipeline
+runs; PIL's where it does not (PyPI's torchvision imports only beside the torch
+it was built for). Each row says which ran (``decoder``).
 
 The JPEGs are generated once (:func:`make_jpegs`: smooth multi-scale colour
 fields with fine grain, 500×375, quality 90, about what a photo compresses
@@ -15,6 +22,7 @@ import math
 import os
 import random
 import time
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -26,8 +34,39 @@ from ._measure import _cpu_of, _cpu_self, touch_pages
 PIPELINES = {"float32": ("float32", 128), "uint8": ("uint8", 256)}
 IMAGE_SIZE = (500, 375)
 CROP = 224
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255
+MEAN01, STD01 = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN = np.array(MEAN01, dtype=np.float32) * 255
+STD = np.array(STD01, dtype=np.float32) * 255
+#: The two ways :class:`JpegDataset` decodes and transforms.
+DECODERS = ("torchvision", "PIL")
+
+
+@cache
+def torchvision_error() -> str:
+    """Why ``torchvision.io`` / ``torchvision.transforms.v2`` do not import
+    here, or ``""`` when they do."""
+    try:
+        import torchvision.io  # noqa: F401
+        import torchvision.transforms.v2  # noqa: F401
+    except Exception as exc:  # ImportError; beside another torch: "operator torchvision::nms does not exist"
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def default_decoder() -> str:
+    """``"torchvision"`` where it imports, else ``"PIL"``."""
+    return "PIL" if torchvision_error() else "torchvision"
+
+
+def decoder_label(decoder: str) -> str:
+    """``"torchvision 0.29.1"`` / ``"PIL 11.0.0"``: what the report names."""
+    if decoder == "torchvision":
+        import torchvision
+
+        return f"torchvision {torchvision.__version__}"
+    import PIL
+
+    return f"PIL {PIL.__version__}"
 
 
 def make_jpegs(directory: str, count: int = 256, seed: int = 0) -> list[str]:
@@ -52,14 +91,33 @@ def make_jpegs(directory: str, count: int = 256, seed: int = 0) -> list[str]:
 
 
 class JpegDataset:
-    """Decode, random-resized-crop (scale 0.08-1, ratio 3/4-4/3, torchvision's
-    rule), horizontal flip with p = 0.5, then CHW uint8 or normalized float32."""
+    """Decode, random-resized-crop (scale 0.08-1, ratio 3/4-4/3), horizontal
+    flip with p = 0.5, then CHW uint8 or normalized float32, by ``decoder``
+    (one of :data:`DECODERS`; default :func:`default_decoder`). torchvision's
+    transforms draw from torch's generator, seeded with the index for the
+    sample; PIL's crop follows torchvision's rule, drawn from the index."""
 
-    def __init__(self, paths: list[str], dtype: str, length: int) -> None:
+    def __init__(self, paths: list[str], dtype: str, length: int, decoder: str | None = None) -> None:
         self.paths, self.dtype, self.length = paths, dtype, length
+        self.decoder = decoder or default_decoder()
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {self.decoder!r}")
+        if self.decoder == "torchvision" and torchvision_error():
+            raise RuntimeError(f"torchvision does not import here ({torchvision_error()}); use decoder='PIL'")
+        self.transform = self._torchvision_transform(dtype) if self.decoder == "torchvision" else None
 
     def __len__(self) -> int:
         return self.length
+
+    @staticmethod
+    def _torchvision_transform(dtype: str) -> Any:
+        import torch
+        from torchvision.transforms import v2
+
+        steps = [v2.RandomResizedCrop(CROP, antialias=True), v2.RandomHorizontalFlip()]
+        if dtype == "float32":
+            steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN01, STD01)]
+        return v2.Compose(steps)
 
     @staticmethod
     def crop_box(index: int, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
@@ -77,10 +135,23 @@ class JpegDataset:
         return (x, y, x + side, y + side), rng.random() < 0.5
 
     def __getitem__(self, index: int) -> Any:
+        path = self.paths[index % len(self.paths)]
+        return self._torchvision_item(path, index) if self.transform is not None else self._pil_item(path, index)
+
+    def _torchvision_item(self, path: str, index: int) -> Any:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        chw = decode_jpeg(read_file(path), mode=ImageReadMode.RGB)
+        with torch.random.fork_rng(devices=[]):  # the worker's own generator state stays as it was
+            torch.default_generator.manual_seed(index)
+            return self.transform(chw)
+
+    def _pil_item(self, path: str, index: int) -> Any:
         import torch
         from PIL import Image
 
-        with Image.open(self.paths[index % len(self.paths)]) as img:
+        with Image.open(path) as img:
             img = img.convert("RGB")
             box, flip = self.crop_box(index, *img.size)
             img = img.resize((CROP, CROP), Image.BILINEAR, box=box)
@@ -106,7 +177,8 @@ def training_step(batch: Any, weight: Any) -> float:
 def measure_pipeline(p: dict[str, Any]) -> dict[str, Any]:
     """One pipeline (``p["pipeline"]``: float32/uint8) through one transport
     (``stock`` or ``elastic``) for ``p["batches"]`` batches (``p["warmup"]``
-    more first): steps/s and CPU per step of the main process and the workers.
+    more first), decoded by ``p["decoder"]`` (default :func:`default_decoder`):
+    steps/s and CPU per step of the main process and the workers.
 
     Per step: ``read`` (one byte per page of the batch: where the page faults
     of freshly mapped memory land), then :func:`training_step` (``step``).
@@ -123,7 +195,7 @@ def measure_pipeline(p: dict[str, Any]) -> dict[str, Any]:
     # A tail of batches the loop never takes: the workers are still alive
     # (prefetching it) when their CPU is read at the end of the timed steps.
     total = (p["warmup"] + p["batches"] + WORKERS * PREFETCH) * batch_size
-    dataset = JpegDataset(p["paths"], dtype, total)
+    dataset = JpegDataset(p["paths"], dtype, total, p.get("decoder"))
     loader, arena = make_loader(dataset, p["transport"], batch_size)
     weight = torch.randn(16, 3, 3, 3)
     gc.collect()
@@ -153,6 +225,7 @@ def measure_pipeline(p: dict[str, Any]) -> dict[str, Any]:
     return {
         "pipeline": p["pipeline"],
         "transport": p["transport"],
+        "decoder": decoder_label(dataset.decoder),
         "batch_bytes": batch_size * 3 * CROP * CROP * (4 if dtype == "float32" else 1),
         "batches": n,
         "steps_per_s": n / wall,

@@ -95,12 +95,14 @@ def epoch_tables(results: dict[str, Any]) -> str:
 
 
 def pipeline_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Median over repetitions, per pipeline and transport."""
+    """Median over repetitions, per pipeline and transport, under a line that
+    names the decoder that ran (rows from before it was recorded: PIL)."""
+    decoders = sorted({r.get("decoder", "PIL") for r in _ok(rows)})
     head = (
         f"{'pipeline':<8} {'transport':<8}{'steps/s':>8} {'x stock':>7} {'main ms':>8} {'step ms':>8} "
         f"{'read ms':>8} {'overhead':>8} {'x stock':>7} {'wrk ms':>7} {'fb':>3}  steps/s per rep"
     )
-    lines = [head, "-" * len(head)]
+    lines = [f"JPEG decode and transforms: {', '.join(decoders) or 'none ran'}", head, "-" * len(head)]
     groups = _by(rows, "pipeline", "transport")
     for (pipeline, transport), rs in groups.items():
         stock = groups.get((pipeline, "stock"), [])

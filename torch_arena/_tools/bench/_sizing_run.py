@@ -144,16 +144,28 @@ def run_epochs(
     return out
 
 
-def run_pipeline(out_dir: str, reps: int, batches: int, progress: Callable[[str], None]) -> list[dict[str, Any]]:
-    """The JPEG pipeline, stock and elastic alternated ``reps`` times."""
-    from ._pipeline import PIPELINES, make_jpegs
+def run_pipeline(
+    out_dir: str, reps: int, batches: int, progress: Callable[[str], None], decoder: str | None = None
+) -> list[dict[str, Any]]:
+    """The JPEG pipeline, stock and elastic alternated ``reps`` times, decoded
+    by ``decoder`` (default: torchvision where it imports, else PIL)."""
+    from ._pipeline import PIPELINES, decoder_label, default_decoder, make_jpegs
 
     paths = make_jpegs(os.path.join(out_dir, "jpegs"))
+    decoder = decoder or default_decoder()
+    progress(f"JPEG pipeline: decode and transforms by {decoder_label(decoder)}")
     rows = []
     for rep in range(reps):
         for pipeline in PIPELINES:
             for transport in _rotated(("stock", "elastic"), rep):
-                payload = {"pipeline": pipeline, "transport": transport, "paths": paths, "batches": batches, "warmup": 2}
+                payload = {
+                    "pipeline": pipeline,
+                    "transport": transport,
+                    "decoder": decoder,
+                    "paths": paths,
+                    "batches": batches,
+                    "warmup": 2,
+                }
                 rows.append(
                     _run("torch_arena._tools.bench._pipeline:measure_pipeline", payload, progress, f"{pipeline} {transport}")
                 )
@@ -169,7 +181,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
             "elastic pool (arena='pool'): fallbacks, committed memory against bytes in flight + "
             "held, CPU and wall time to the first batch, steady-state MB/s and CPU per batch, "
             "short epochs with start-up, keeping every batch, shrinking working sets, and a "
-            "real JPEG pipeline (PIL decode, random resized crop, flip; float32 and uint8)."
+            "real JPEG pipeline (torchvision's or PIL's decode, random resized crop, flip; float32 and uint8)."
         ),
     )
     p.add_argument("--out", default="bench-out", help="output directory (default: bench-out/)")
@@ -195,6 +207,12 @@ def parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--retries", type=int, default=NOISE["retries"], help="how often a noisy run runs again (default 1)")
     p.add_argument("--pipeline-batches", type=int, default=None, help="timed steps per pipeline run (default 16)")
+    p.add_argument(
+        "--decoder",
+        choices=("torchvision", "PIL"),
+        default=None,
+        help="JPEG decode and transforms of the pipeline (default: torchvision where it imports, else PIL)",
+    )
     return p
 
 
@@ -202,7 +220,13 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m torch_arena be
     """Run the chosen parts, print the report, write ``<out>/<name>.{json,txt,png}`` and CSVs."""
     from ._sizing_report import report
 
-    args = parser(prog).parse_args(argv)
+    cli = parser(prog)
+    args = cli.parse_args(argv)
+    if args.decoder == "torchvision":
+        from ._pipeline import torchvision_error
+
+        if torchvision_error():
+            cli.error(f"--decoder torchvision: torchvision does not import here ({torchvision_error()})")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     parts = args.parts or (["pipeline"] if name == "pipeline" else list(PARTS))
     sizes: list[float | str] = (
@@ -225,7 +249,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m torch_arena be
         results.update({k: v for k, v in epochs.items() if k in parts})
     if "pipeline" in parts:
         batches = args.pipeline_batches or (6 if args.quick else 16)
-        results["pipeline"] = run_pipeline(args.out, reps if not args.quick else 1, batches, progress)
+        results["pipeline"] = run_pipeline(args.out, reps if not args.quick else 1, batches, progress, args.decoder)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
