@@ -207,3 +207,41 @@ def test_zero_copy_loader_starts_no_restore_thread():
     assert next(it) is not None and not hasattr(it, "_pin_memory_thread")
     del it
     loader.release_arena()
+
+
+class Slow(torch.utils.data.Dataset):
+    """16 MiB items whose first byte is the index."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        item = np.zeros(16 << 20, np.uint8)
+        item[0] = i
+        return item
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [False, True])
+def test_copy_out_memory_is_bounded_while_the_loop_is_slow(persistent):
+    """A slow training step gives the workers and the restore thread time to
+    run ahead; restored (private) batches stay within the one the loop holds,
+    the one being copied and RESTORE_AHEAD more."""
+    import time
+
+    from torch_arena._loader.restore_thread import RESTORE_AHEAD
+
+    loader = ta.ArenaDataLoader(Slow(), batch_size=None, num_workers=2, arena="ring", persistent_workers=persistent)
+    buffers = process_buffers()
+    for _ in range(2):  # the second epoch of persistent workers resets what was in flight
+        busy, seen = [], []
+        for batch in loader:
+            seen.append(int(batch[0]))
+            time.sleep(0.05)  # the step
+            busy.append(buffers.stats()["busy_bytes"])
+        del batch
+        assert seen == list(range(24))
+        limit = (1 + 1 + RESTORE_AHEAD) * size_class(16 << 20)
+        assert max(busy) <= limit, (max(busy) >> 20, limit >> 20)
+    assert loader.arena_stats.fallbacks == 0
+    loader.release_arena()

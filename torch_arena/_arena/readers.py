@@ -175,6 +175,12 @@ class _Reader:
         unit.attach(self.core.open(span, slot, gen, lambda: self.tracker.hold(unit.key, [unit])))
         return unit
 
+    def hold_unread(self, span: int, anchor: object) -> None:
+        """Keep committed unit ``span`` until it is opened; released unread if
+        ``anchor`` dies first (its open replaces the anchor with the unit)."""
+        if span != EMPTY_SPAN:
+            self.tracker.hold(split_span(span), [anchor])
+
     def _unit_holding(self, offset: int, nbytes: int) -> Any:
         slot, gen = self.core.locate_unit(offset, nbytes)
         unit = self._open.get(slot)

@@ -89,6 +89,9 @@ class ForeignReader:
     def open_unit(self, span: int) -> ArenaUnit:
         return ForeignUnit(self._reader, span)
 
+    def hold_unread(self, span: int, anchor: object) -> None:
+        pass  # SPDL's readers have no leases: its units wait for end_unit
+
     def read_binary(self, offset: int, nbytes: int) -> Any:
         return self._reader.read_binary(offset, nbytes)
 

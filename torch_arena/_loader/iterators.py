@@ -20,7 +20,7 @@ from typing import Any
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from torch_arena._loader.loader_arena import LoaderArena
-from torch_arena._loader.restore_thread import start_restore_thread
+from torch_arena._loader.restore_thread import RestoreAhead, resolve, start_restore_thread
 from torch_arena._loader.worker import ArenaCollate
 
 __all__ = ["ArenaIteratorMixin", "ArenaMultiProcessingDataLoaderIter", "track"]
@@ -101,9 +101,26 @@ class ArenaIteratorMixin:
 
 
 class ArenaMultiProcessingDataLoaderIter(ArenaIteratorMixin, _MultiProcessingDataLoaderIter):
-    """torch's multi-process iterator; workers run an :class:`ArenaCollate`."""
+    """torch's multi-process iterator; workers run an :class:`ArenaCollate`.
+
+    With a copy-out arena and no pin-memory thread, batches are restored in a
+    thread of their own, at most one ahead of the loop; the loop restores the
+    others as it takes them (:mod:`torch_arena._loader.restore_thread`).
+    """
+
+    _arena_ahead: RestoreAhead | None = None
 
     def __init__(self, loader: Any, state: LoaderArena) -> None:
         super().__init__(loader, state)
-        if not self._pin_memory and not self._arena_session.reader.zero_copy:
-            start_restore_thread(self)
+        session = self._arena_session
+        if not self._pin_memory and not session.reader.zero_copy:
+            session.defer_copies = True
+            self._arena_ahead = start_restore_thread(self)
+
+    def _process_data(self, data: Any, *args: Any) -> Any:
+        return super()._process_data(resolve(data), *args)
+
+    def _reset(self, *args: Any, **kwargs: Any) -> None:
+        super()._reset(*args, **kwargs)
+        if self._arena_ahead is not None:
+            self._arena_ahead.reset()  # what was in flight is gone

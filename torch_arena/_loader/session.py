@@ -20,12 +20,13 @@ import weakref
 from typing import Any
 
 from torch_arena._arena.protocol import Arena, ArenaReader
+from torch_arena._codec.envelope import parse_envelope
 from torch_arena._codec.restore import restore
 from torch_arena._loader.stats import ArenaStats
 from torch_arena._os.sync import current_pid, holds_arena_lock, pid_alive
 from torch_arena.errors import ArenaFallbackWarning
 
-__all__ = ["ArenaSession", "HELD_BATCHES", "arena_slots", "session_for", "user_stacklevel", "warn_if_too_few_units"]
+__all__ = ["ArenaSession", "DeferredBatch", "HELD_BATCHES", "arena_slots", "session_for", "user_stacklevel", "warn_if_too_few_units"]
 
 #: Batches a training loop may hold beyond torch's prefetch window (the current
 #: and the previous batch while ``next()`` runs).
@@ -83,6 +84,10 @@ class ArenaSession:
         self._reader_pid = -1
         self._warned = False
         self._dead_workers: set[int] = set()
+        self.defer_copies = False
+        """Set by an iterator with a restore thread: a copy-out batch is not
+        restored when it is received, but by that thread (a bounded number
+        ahead) or when the loop takes it (:mod:`torch_arena._loader.restore_thread`)."""
         with _sessions_lock:
             _sessions[self.token] = self
 
@@ -95,7 +100,14 @@ class ArenaSession:
         return self._reader
 
     def receive(self, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
-        """Restore one batch and count it."""
+        """Restore one batch and count it, or, with :attr:`defer_copies`, a
+        :class:`DeferredBatch` that restores it later."""
+        if self.defer_copies:
+            return DeferredBatch(self, envelope, nbytes, wait_seconds)
+        return self.restore(envelope, nbytes, wait_seconds)
+
+    def restore(self, envelope: bytes, nbytes: int, wait_seconds: float) -> Any:
+        """Restore one batch now and count it."""
         batch = restore(envelope, self.reader)
         stats = self.stats
         stats.batches += 1
@@ -166,6 +178,22 @@ class ArenaSession:
         self._reader = None
         if self.owned:
             self.arena.close()
+
+
+class DeferredBatch:
+    """A copy-out batch received but not restored yet. It holds its unit in
+    the arena: restored, the unit is read and released; dropped unrestored
+    (an iterator reset), the unit is released unread."""
+
+    __slots__ = ("session", "envelope", "nbytes", "wait_seconds", "__weakref__")
+
+    def __init__(self, session: ArenaSession, envelope: bytes, nbytes: int, wait_seconds: float) -> None:
+        self.session, self.envelope, self.nbytes, self.wait_seconds = session, envelope, nbytes, wait_seconds
+        session.reader.hold_unread(parse_envelope(envelope)[1], self)
+
+    def restore(self) -> Any:
+        """The batch (copied out now)."""
+        return self.session.restore(self.envelope, self.nbytes, self.wait_seconds)
 
 
 def session_for(token: int) -> ArenaSession:

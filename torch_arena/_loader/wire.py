@@ -18,13 +18,13 @@ from torch._utils import ExceptionWrapper
 
 from torch_arena._loader.session import session_for
 
-__all__ = ["ArenaBatch", "FallbackBatch"]
+__all__ = ["ArenaBatch", "FallbackBatch", "failed_restore"]
 
 
 _RESTORE_WHERE = "in the training process, restoring a batch from the arena"
 
 
-def _failed_restore() -> ExceptionWrapper:
+def failed_restore() -> ExceptionWrapper:
     """The current exception, to be raised by torch for this batch.
 
     Runs inside torch's queue read. An exception escaping from there would lose
@@ -48,14 +48,14 @@ def _receive_batch(token: int, envelope: bytes, nbytes: int, wait_seconds: float
     try:
         return session_for(token).receive(envelope, nbytes, wait_seconds)
     except Exception:  # noqa: BLE001 - re-raised for this batch by torch
-        return _failed_restore()
+        return failed_restore()
 
 
 def _receive_fallback(token: int, batch: Any, reason: str, wait_seconds: float) -> Any:
     try:
         return session_for(token).receive_fallback(batch, reason, wait_seconds)
     except Exception:  # noqa: BLE001 - re-raised for this batch by torch
-        return _failed_restore()
+        return failed_restore()
 
 
 class ArenaBatch:
