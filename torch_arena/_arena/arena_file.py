@@ -30,11 +30,10 @@ process; :meth:`ArenaFile.attach` checks the header before trusting it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -100,6 +99,25 @@ class ArenaSpec:
     write_fd: Any
 
 
+class _Locked:
+    """The arena lock as a context manager that yields the header (a class,
+    not a generator: it is entered on every unit's path)."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: "ArenaFile") -> None:
+        self.file = file
+
+    def __enter__(self) -> np.ndarray:
+        file = self.file
+        header = file.header  # first: nothing may raise once the lock is held
+        file.lock.acquire()
+        return header
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.file.lock.release()
+
+
 class ArenaFile:
     """One process's handle on an arena's memory file and primitives."""
 
@@ -115,6 +133,7 @@ class ArenaFile:
         self._header: np.ndarray | None = None
         self._words: memoryview | None = None
         self._cache: dict[str, tuple[np.ndarray, Any]] = {}
+        self._locked: _Locked | None = None
 
     @classmethod
     def create(
@@ -219,15 +238,13 @@ class ArenaFile:
         self.mapping.release(self.header_bytes + offset, nbytes)
 
     # -- locking, usage and shutdown --------------------------------------------
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[np.ndarray]:
-        """Hold the arena lock; yields the header (see NOTE [ Arena units,
-        leases, locks and fork ] in :mod:`.protocol`)."""
-        self.lock.acquire()
-        try:
-            yield self.header
-        finally:
-            self.lock.release()
+    def locked(self) -> "_Locked":
+        """``with file.locked() as header:`` holds the arena lock (see NOTE [
+        Arena units, leases, locks and fork ] in :mod:`.protocol`)."""
+        locked = self._locked
+        if locked is None:
+            locked = self._locked = _Locked(self)
+        return locked
 
     def notify_waiters(self) -> None:
         """Wake producers waiting for space, if any (read without the lock: a

@@ -166,10 +166,11 @@ class ArenaCore:
                     header[H_WAITERS] -= 1
 
     # -- readers -----------------------------------------------------------------------
-    def open(self, span: int, slot: int, gen: int, register: Callable[[], None]) -> list[Extent]:
-        """Claim committed unit ``slot`` for reading: its extents. ``register``
-        runs before the unit is marked held, so an interrupt in between leaves
-        it to the lease (which releases it) instead of leaking it."""
+    def open(self, span: int, slot: int, gen: int, register: Callable[[list[Extent]], None]) -> None:
+        """Claim committed unit ``slot`` for reading. ``register(extents)`` (the
+        reader's leases on them) runs before the unit is marked held, so an
+        interrupt in between leaves it to the lease (which releases it)
+        instead of leaking it."""
         with self.file.locked() as header:
             units = self.units(header)
             if not 0 <= slot < len(units):
@@ -180,10 +181,8 @@ class ArenaCore:
                     f"(it is {STATE_NAMES.get(units.state[slot], '?')}, generation "
                     f"{units.gen[slot]}); an envelope can be restored once"
                 )
-            extents = _merged(self.space.extents(units, slot))
-            register()
+            register(_merged(self.space.extents(units, slot)))
             units.state[slot], units.owner[slot] = HELD, current_pid()
-        return extents
 
     def locate_unit(self, offset: int, nbytes: int) -> tuple[int, int]:
         """``(slot, generation)`` of the unit holding a binary (SPDL's

@@ -187,6 +187,7 @@ class LeaseTracker:
                     reaper.active.pop(id(self), None)
             return
         with reaper.lock:
+            idle = not reaper.active  # the reaper thread waits for a first lease
             old = self.refs.get(key, ())
             self.refs[key] = refs  # the swap: one assignment
             reaper.active[id(self)] = self
@@ -194,7 +195,8 @@ class LeaseTracker:
                 reaper.entries[id(ref)] = (self, key, ref)
             for ref in old:
                 reaper.entries.pop(id(ref), None)
-        reaper.ensure_running()
+        if idle or reaper.thread is None:
+            reaper.ensure_running()
 
     @property
     def held(self) -> int:

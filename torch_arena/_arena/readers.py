@@ -70,9 +70,11 @@ class ZeroCopyUnit(_Unit):
         self.leases: list[np.ndarray] | None = None
 
     def attach(self, extents: list[Extent]) -> None:
+        """Make the leases and register them: the unit is held while they live."""
         file = self._reader.core.file
         self.extents = extents
-        self.leases = [file.anchored_view(start, length) for start, length in extents]
+        self.leases = leases = [file.anchored_view(start, length) for start, length in extents]
+        self._reader.tracker.hold(self.key, leases)
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         """``uint8`` view of ``nbytes`` at ``offset``; ValueError if outside the unit."""
@@ -90,9 +92,8 @@ class ZeroCopyUnit(_Unit):
     def finish(self, pinned: Sequence[object] = ()) -> None:
         """Release the unit once every lease and every pinned anchor is gone."""
         if self.leases is not None:
-            # The leases become the anchors; the unit (the anchor until now)
-            # keeps them until the swap is done.
-            self._reader.tracker.hold(self.key, [*self.leases, *pinned])
+            if pinned:  # more anchors (SPDL's views): the unit keeps the leases until the swap is done
+                self._reader.tracker.hold(self.key, [*self.leases, *pinned])
             self.leases = None
 
 
@@ -107,7 +108,9 @@ class CopyOutUnit(_Unit):
         self._done = False
 
     def attach(self, extents: list[Extent]) -> None:
+        """The unit object is the anchor until :meth:`finish` releases it."""
         self.extents = extents
+        self._reader.tracker.hold(self.key, [self])
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         """``uint8`` view of ``nbytes`` at ``offset``; ValueError if outside the unit."""
@@ -172,7 +175,7 @@ class _Reader:
         slot, gen = split_span(span)
         reap_now()  # releases run here, in the consumer's thread, when something died
         unit = self.unit_class(self, (slot, gen))
-        unit.attach(self.core.open(span, slot, gen, lambda: self.tracker.hold(unit.key, [unit])))
+        self.core.open(span, slot, gen, unit.attach)
         return unit
 
     def hold_unread(self, span: int, anchor: object) -> None:

@@ -35,6 +35,12 @@ _TENSOR_REBUILDERS = {
 }
 
 
+#: Globals a batch's stream names over and over (numpy's dtype and array
+#: rebuilders, torch's): looked up once per process, not once per batch.
+_CLASSES: dict[tuple[str, str], Any] = {}
+_CACHED_PACKAGES = frozenset(("numpy", "torch", "builtins", "collections", "copyreg", "_codecs"))
+
+
 class _Restoring:
     """find_class / persistent_load of both unpicklers (C for speed, Python to diagnose)."""
 
@@ -44,9 +50,15 @@ class _Restoring:
         self.reference_error: BaseException | None = None
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name in _TENSOR_REBUILDERS:
-            return _TENSOR_REBUILDERS[name]
-        return super().find_class(module, name)  # type: ignore[misc]
+        found = _CLASSES.get((module, name))
+        if found is None:
+            if module == "torch._utils" and name in _TENSOR_REBUILDERS:
+                found = _TENSOR_REBUILDERS[name]
+            else:
+                found = super().find_class(module, name)  # type: ignore[misc]
+                if module.partition(".")[0] in _CACHED_PACKAGES:
+                    _CLASSES[(module, name)] = found
+        return found
 
     def persistent_load(self, pid: Any) -> Any:
         try:
