@@ -70,6 +70,7 @@ from ._config import (
 from ._measure import calibrate_step
 from ._report import format_table, machine_line, plot, read_csv, report, write_csv
 from ._run import attach_dataset_cost, build_matrix, run_config, run_matrix
+from ._summary import format_decisions, format_summary
 from ._targets import check_targets, format_targets
 
 __all__ = [
@@ -81,6 +82,8 @@ __all__ = [
     "calibrate_step",
     "check_targets",
     "cli",
+    "format_decisions",
+    "format_summary",
     "format_table",
     "format_targets",
     "main",
@@ -106,9 +109,10 @@ FULL: dict[str, Any] = {
 }
 
 
-def parser(prog: str, description: str, *, targets: bool = True) -> argparse.ArgumentParser:
-    """Command-line flags shared by the benchmark entry points. ``targets``:
-    whether ``--targets`` is offered."""
+def parser(prog: str, description: str, *, full: bool = True, targets: bool = True) -> argparse.ArgumentParser:
+    """Command-line flags shared by the benchmark entry points. ``full``: whether
+    the full table is printed unless ``--no-full``; ``targets``: whether
+    ``--targets`` is offered."""
     modes = "\n".join(f"  {prog} {mode} [--help]: {what}" for mode, what in MODES.items())
     p = argparse.ArgumentParser(
         prog=prog,
@@ -137,6 +141,13 @@ def parser(prog: str, description: str, *, targets: bool = True) -> argparse.Arg
         help="run a configuration again when other processes used more than this %% of the machine",
     )
     p.add_argument("--retries", type=int, default=2, help="how often a noisy configuration runs again")
+    p.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=full,
+        help="print the full table (memcpy ratios, 95%% intervals, noise) after the summary; "
+        f"it is always in <out>/<name>.txt (default: {'on' if full else 'off'})",
+    )
     if targets:
         p.add_argument(
             "--targets",
@@ -160,14 +171,16 @@ def cli(
     description: str,
     defaults: dict[str, Any] | None = None,
     table: Callable[[Sequence[Result]], str] = format_table,
+    full: bool = True,
     targets: bool = True,
     **fields: Any,
 ) -> tuple[list[Result], argparse.Namespace]:
     """Parse flags, run the matrix with a progress line per configuration, print
     and write the report (``<out>/<name>.csv/.png/.txt``). ``defaults`` replace
     :data:`FULL`'s entries; ``fields`` are passed to every :class:`Config`.
-    ``targets``: offer ``--targets`` (the targets are judged only when it is given)."""
-    args = parser(prog, description, targets=targets).parse_args(argv)
+    ``full``: print the full table unless ``--no-full``; ``targets``: offer
+    ``--targets`` (the targets are judged only when it is given)."""
+    args = parser(prog, description, full=full, targets=targets).parse_args(argv)
     # A terminated run takes the running configuration's processes along
     # (run_config kills its process group on the way out).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -195,8 +208,12 @@ def cli(
         previous=read_csv(args.resume) if args.resume else (),
     )
     judged = [format_targets(check_targets(results))] if getattr(args, "targets", False) else []
-    print(report(results, args.out, name, notes, table, extra=judged))
-    print(f"wrote {os.path.join(args.out, name)}.csv, {name}.txt and the figure {os.path.join(args.out, name)}.png")
+    print(report(results, args.out, name, notes, table, full=args.full, extra=judged))
+    path = os.path.join(args.out, name)
+    print(
+        f"wrote {path}.csv, the figure {path}.png and {path}.txt"
+        + ("" if args.full else " (with the full table: memcpy ratios, 95% intervals, noise; --full prints it)")
+    )
     return results, args
 
 

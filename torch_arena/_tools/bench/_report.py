@@ -21,6 +21,7 @@ from ._config import (
     WORKERS,
     Result,
 )
+from ._summary import format_decisions, format_summary
 
 # -- reporting ----------------------------------------------------------------------
 
@@ -201,14 +202,23 @@ def report(
     notes: Sequence[str] = (),
     table: Callable[[Sequence[Result]], str] = format_table,
     *,
+    full: bool = True,
     extra: Sequence[str] = (),
 ) -> str:
     """Write ``<name>.csv``, ``<name>.png`` and ``<name>.txt`` under ``out_dir``;
-    return the text (machine, table, ``extra``: the targets where asked for, notes)."""
+    return the text to print.
+
+    It leads with what a user decides on (the summary and the per-payload
+    table of :mod:`._summary`) and the machine, then the full table (only with
+    ``full``; the .txt file always holds it: the figures behind the summary
+    should never be more than a file away), then ``extra`` (the targets, where
+    asked for) and the notes.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    text = "\n".join([machine_line(results), table(results), *extra, *notes])
+    lead = [format_summary(results), "", format_decisions(results), f"measured on {machine_line(results)}"]
+    tail = [*extra, *notes]
     write_csv(results, os.path.join(out_dir, f"{name}.csv"))
     with open(os.path.join(out_dir, f"{name}.txt"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+        f.write("\n".join([*lead, "", table(results), *tail]) + "\n")
     plot(results, os.path.join(out_dir, f"{name}.png"), title=machine_line(results))
-    return text
+    return "\n".join([*lead, *(["", table(results)] if full else []), *tail])

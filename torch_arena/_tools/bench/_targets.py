@@ -1,13 +1,13 @@
 """The engineering acceptance targets of issues 3 and 10, judged on A/B results.
 
 Why apart from the report, and only on request (``bench --targets``): these
-are the bars the transports were built against, several of them physical
-limits no design can reach (a ring's main-process CPU at half of stock's
-where stock only maps the memory; 5x stock's throughput where stock already
-runs within 5x of what the cores can copy). Printed by
-default they made a working product read as a failing one; someone deciding
-whether to use torch_arena wants the comparison itself, someone working on
-the transports wants these.
+are the bars the transports were built against, several of them limits no
+design of the kind can reach (a copy-out ring's main-process CPU at half of
+stock's where stock only maps the memory; 5x stock's throughput where stock
+already runs within 5x of what the cores can copy). Printed by default they
+made a working product read as a failing one; someone deciding whether to
+use torch_arena wants the summary (:mod:`._summary`), someone working on the
+transports wants these.
 """
 
 from __future__ import annotations
