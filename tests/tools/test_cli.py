@@ -34,7 +34,7 @@ def test_demo_then_bench_resume_keeps_what_ran(tmp_path):
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "numpy 1 MiB pool" in demo.stdout and "1 worker, start method" in demo.stdout
     report = demo.stdout[demo.stdout.index("[1/1]"):].split("\n", 1)[1]
-    assert report.startswith("In short (") and "targets" not in demo.stdout
+    assert report.startswith("\nIn short (") and "targets" not in demo.stdout  # a blank line after the progress
     assert transports(out / "demo.csv") == ["pool"]
     assert (out / "demo.png").stat().st_size > 0
 

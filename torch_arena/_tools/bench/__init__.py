@@ -208,7 +208,7 @@ def cli(
         previous=read_csv(args.resume) if args.resume else (),
     )
     judged = [format_targets(check_targets(results))] if getattr(args, "targets", False) else []
-    print(report(results, args.out, name, notes, table, full=args.full, extra=judged))
+    print("\n" + report(results, args.out, name, notes, table, full=args.full, extra=judged))  # after the progress
     path = os.path.join(args.out, name)
     print(
         f"wrote {path}.csv, the figure {path}.png and {path}.txt"
