@@ -70,6 +70,8 @@ def change(value: float, base: float) -> str:
     if ratio >= 2:
         return f"{times(ratio)} stock's"
     pct = 100 * (ratio - 1)
+    if round(pct) == 0:
+        return "0%"  # not "-0%"
     return f"{max(pct, -99.9):+.1f}%" if pct < -99.5 and ratio > 0 else f"{pct:+.0f}%"
 
 
@@ -147,6 +149,15 @@ def _worse(r: Result, stock: Result, peer: Result | None) -> dict[str, tuple[flo
     return out
 
 
+#: The figures an arena can lose on, in the order the summary lists them.
+_FIGURES = [
+    "Slower than stock",
+    "Slower than SPDL's pool",
+    "More main-process CPU per batch than stock",
+    "More worker CPU per batch than stock",
+    "More peak memory than stock",
+    "Fell back to torch's transport (the arena was full)",
+]
 #: Why, where the design says so (not the measurement): said after a figure's list.
 _WHY = {
     "More main-process CPU per batch than stock": (
@@ -177,7 +188,7 @@ def _losses(by: dict[_Key, Result], keys: Sequence[tuple[str, float]], sized: bo
             for what, (value, said) in _worse(r, by[(*key, "stock")], by.get((*key, SPDL))).items():
                 found.setdefault(what, {}).setdefault(transport, []).append((where, value, said))
     lines = []
-    for what, per_transport in found.items():
+    for what, per_transport in sorted(found.items(), key=lambda item: _FIGURES.index(item[0])):
         parts = []
         for transport, places in per_transport.items():
             if len(places) == ran[transport] > 1:
