@@ -70,6 +70,14 @@ def test_a_loss_within_the_noise_is_still_said_and_flagged():
     assert "Slower than stock: pool for numpy (0.95×, noisy)." in summary
 
 
+def test_a_difference_that_rounds_to_nothing_is_no_loss():
+    pool = row("numpy", "pool", 999, main=0.5, worker=5.0, peak=401)
+    summary = " ".join(_summary.format_summary([STOCK, pool]).split())  # wrapped lines joined
+    assert "pool: 1.00× stock's throughput for numpy batches (noisy" in summary
+    assert "peak memory 401 MB instead of 400 MB (0%)" in summary
+    assert "Where the arenas do not win: nowhere in this run." in summary
+
+
 def test_every_payload_and_noise_are_summarized():
     rows = []
     for kind, speed, ring_peak in (("bytes", 20.0, 440), ("numpy", 4.0, 460), ("torch", 1.7, 480),

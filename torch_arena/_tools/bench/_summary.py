@@ -97,7 +97,7 @@ def sentence(r: Result, stock: Result, *, sized: bool = False) -> str:
     the two throughputs' 95 % intervals overlap."""
     speed = _ratio(r.mb_per_s, stock.mb_per_s)
     payload = _payload(r, sized)
-    if _measured(speed) and speed < 1:
+    if _measured(speed) and speed < 1 and times(speed) != "1.00×":
         said = f"slower than stock for {payload}, {times(speed)} its throughput"
     else:
         said = f"{times(speed)} stock's throughput for {payload}"
@@ -134,15 +134,17 @@ def _worse(r: Result, stock: Result, peer: Result | None) -> dict[str, tuple[flo
     SPDL's pool ``peer``): ``{what: (how much, in words)}``."""
     out = {}
     for what, other in (("Slower than stock", stock), ("Slower than SPDL's pool", peer)):
-        if other is not None and r.mb_per_s < other.mb_per_s and (other is stock or r.transport == "pool"):
-            ratio = r.mb_per_s / other.mb_per_s
+        if other is None or not (other is stock or r.transport == "pool"):
+            continue
+        ratio = _ratio(r.mb_per_s, other.mb_per_s)
+        if ratio < 1 and times(ratio) != "1.00×":  # a loss that rounds to nothing is not one
             out[what] = (ratio, times(ratio) + (", noisy" if _overlap(r, other) else ""))
     for what, mine, theirs in (
         ("More main-process CPU per batch than stock", r.main_cpu_ms, stock.main_cpu_ms),
         ("More worker CPU per batch than stock", r.worker_cpu_ms, stock.worker_cpu_ms),
         ("More peak memory than stock", r.peak_pss_mb, stock.peak_pss_mb),
     ):
-        if _measured(mine) and _measured(theirs) and mine > theirs:
+        if _measured(mine) and _measured(theirs) and mine > theirs and change(mine, theirs) != "0%":
             out[what] = (mine / theirs, change(mine, theirs))
     if r.fallbacks:
         out["Fell back to torch's transport (the arena was full)"] = (r.fallbacks, f"{r.fallbacks} batches")
