@@ -78,6 +78,17 @@ def test_a_difference_that_rounds_to_nothing_is_no_loss():
     assert "Where the arenas do not win: nowhere in this run." in summary
 
 
+def test_transport_names_are_never_broken_at_their_hyphen(monkeypatch):
+    """Wherever the wrapping falls, ``ring-fixed`` stays one word."""
+    kinds = ["bytes", "numpy", "torch", COLLATED_KIND]
+    rows = [row(kind, "stock", 1000, main=2.0, worker=20.0, peak=400) for kind in kinds]
+    rows += [row(kind, "ring-fixed", 900, main=10.0 + i, worker=2.0, peak=400) for i, kind in enumerate(kinds)]
+    for width in range(20, 120):
+        monkeypatch.setattr(_summary, "WIDTH", width)
+        lines = _summary.format_summary(rows).splitlines()
+        assert not any(line.endswith("ring-") for line in lines), lines
+
+
 def test_every_payload_and_noise_are_summarized():
     rows = []
     for kind, speed, ring_peak in (("bytes", 20.0, 440), ("numpy", 4.0, 460), ("torch", 1.7, 480),

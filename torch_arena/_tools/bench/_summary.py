@@ -240,7 +240,8 @@ def format_summary(results: Sequence[Result]) -> str:
         return f"In short ({_setting(results)}): no arena ran alongside stock, so there is nothing to compare."
     sized = len({size for _, size in keys}) > 1
     largest = {kind: max(size for k, size in keys if k == kind) for kind, _ in keys}
-    wrap = dict(width=WIDTH, initial_indent="  ", subsequent_indent="    ")
+    # no break inside "ring-fixed" or "spdl-pool"
+    wrap = dict(width=WIDTH, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
     lines = [f'In short ({_setting(results)}; each against torch\'s own transport, "stock"):']
     for kind, size in keys:
         r = by.get((kind, size, spoken))
@@ -292,4 +293,4 @@ def format_decisions(results: Sequence[Result]) -> str:
         "× stock: throughput against stock's; main / worker ms: CPU per batch of the training process / "
         "of all worker processes; peak MB: peak memory of the process tree (each shared page once)"
     )
-    return "\n".join([*lines, textwrap.fill(legend, width=WIDTH)])
+    return "\n".join([*lines, textwrap.fill(legend, width=WIDTH, break_on_hyphens=False)])
