@@ -9,8 +9,11 @@ and the method are in :mod:`torch_arena._tools.bench`.
     python benchmarks/transport.py                 # full matrix, ~10 minutes on 2 cores
     python benchmarks/transport.py --quick         # 32 MiB only, shorter windows
     python benchmarks/transport.py --out DIR       # default bench-out/
+    python benchmarks/transport.py --targets       # also judge issues 3 and 10's acceptance targets
 
-Writes DIR/transport.csv, DIR/transport.txt (table, targets) and DIR/transport.png.
+Prints the summary, the per-payload table and the full table; writes
+DIR/transport.csv, DIR/transport.txt (the same, and the targets when asked
+for) and DIR/transport.png.
 """
 
 import sys

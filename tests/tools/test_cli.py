@@ -33,13 +33,17 @@ def test_demo_then_bench_resume_keeps_what_ran(tmp_path):
     demo = torch_arena("demo", *SMALL, "--transports", "pool", "--out", str(out), cwd=repo)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "numpy 1 MiB pool" in demo.stdout and "1 worker, start method" in demo.stdout
+    report = demo.stdout[demo.stdout.index("[1/1]"):].split("\n", 1)[1]
+    assert report.startswith("\nIn short (") and "targets" not in demo.stdout  # a blank line after the progress
     assert transports(out / "demo.csv") == ["pool"]
     assert (out / "demo.png").stat().st_size > 0
 
     bench = torch_arena(
-        "bench", *SMALL, "--transports", "stock", "pool", "--resume", str(out / "demo.csv"), "--out", str(out), cwd=repo
+        "bench", *SMALL, "--transports", "stock", "pool", "--resume", str(out / "demo.csv"), "--out", str(out),
+        "--targets", cwd=repo,
     )
     assert bench.returncode == 0, bench.stderr[-3000:]
+    assert "pool: " in bench.stdout and "targets: " in bench.stdout  # asked for
     assert "numpy 1 MiB pool: kept from the earlier run" in bench.stdout
     assert "numpy 1 MiB stock: kept" not in bench.stdout  # missing there: it ran
     assert sorted(transports(out / "transport.csv")) == ["pool", "stock"]

@@ -1,4 +1,4 @@
-"""Reporting: the table, the targets, CSV and the figure."""
+"""Reporting: the full table, CSV, the figure and the report that puts them together."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import numpy as np
 
 from ._config import (
     ALL_TRANSPORTS,
-    COLLATED_KIND,
     DATASET_ONLY,
     KINDS,
     RING_FIXED,
@@ -22,9 +21,7 @@ from ._config import (
     WORKERS,
     Result,
 )
-
-#: The copy-out transports (issue 10's targets).
-RINGS = ("ring", RING_FIXED)
+from ._summary import format_decisions, format_summary
 
 # -- reporting ----------------------------------------------------------------------
 
@@ -90,113 +87,6 @@ def format_table(results: Sequence[Result]) -> str:
 
 def _lookup(results: Sequence[Result]) -> dict[tuple[str, float, str], Result]:
     return {(*r.key, r.transport): r for r in results if not r.skipped}
-
-
-def check_targets(results: Sequence[Result]) -> list[tuple[str, bool, str]]:
-    """``(target, met, the numbers)`` for every target these results can judge."""
-    by = _lookup(results)
-    checks: list[tuple[str, bool, str]] = []
-    top = max((r.size_mib for r in results), default=0)
-    for kind, factor in (("numpy", 5.0), ("bytes", 5.0), ("torch", 2.0), (COLLATED_KIND, 2.0)):
-        pool, stock = by.get((kind, top, "pool")), by.get((kind, top, "stock"))
-        if pool and stock:
-            ratio = pool.mb_per_s / stock.mb_per_s
-            checks.append(
-                (
-                    f"pool >= {factor:g}x stock MB/s, {kind} {top:g} MiB",
-                    ratio >= factor,
-                    f"{pool.mb_per_s:.0f} vs {stock.mb_per_s:.0f} MB/s = {ratio:.2f}x",
-                )
-            )
-    for (kind, size, transport), pool in sorted(by.items()):
-        if transport != "pool":
-            continue
-        peer = by.get((kind, size, SPDL))
-        if peer:
-            ratio = pool.mb_per_s / peer.mb_per_s
-            checks.append(
-                (
-                    f"pool >= 1.2x SPDL's pool, {kind} {size:g} MiB",
-                    ratio >= 1.2,
-                    f"{pool.mb_per_s:.0f} vs {peer.mb_per_s:.0f} MB/s = {ratio:.2f}x",
-                )
-            )
-    for (kind, size, transport), pool in sorted(by.items()):
-        if transport != "pool":
-            continue
-        checks.append(
-            (
-                f"pool main CPU <= 0.2 ms/batch, {kind} {size:g} MiB",
-                pool.main_cpu_ms <= 0.2,
-                f"{pool.main_cpu_ms:.3f} ms",
-            )
-        )
-        if not math.isnan(pool.xfer_memcpy_ratio):
-            checks.append(
-                (
-                    f"pool worker transfer CPU <= 1.3x memcpy, {kind} {size:g} MiB",
-                    pool.xfer_memcpy_ratio <= 1.3,
-                    (
-                        f"{pool.worker_xfer_ms:.2f} ms = {pool.xfer_memcpy_ratio:.2f}x one memcpy "
-                        f"({pool.memcpy_ms:.2f} ms)"
-                    ),
-                )
-            )
-        stock = by.get((kind, size, "stock"))
-        if stock and not math.isnan(pool.peak_pss_mb) and not math.isnan(stock.peak_pss_mb):
-            checks.append(
-                (
-                    f"pool peak memory <= stock's, {kind} {size:g} MiB",
-                    pool.peak_pss_mb <= stock.peak_pss_mb,
-                    f"{pool.peak_pss_mb:.0f} vs {stock.peak_pss_mb:.0f} MB",
-                )
-            )
-    checks += _ring_targets(by)
-    return checks
-
-
-def _ring_targets(by: dict[tuple[str, float, str], Result]) -> list[tuple[str, bool, str]]:
-    """Issue 10's targets for the copy-out rings: main-process CPU per batch
-    <= 0.5x stock's and <= 1.3x one warm memcpy of the batch (reading the
-    batch, ``touch``, left out of the latter: it is the loop's, not the transport's)."""
-    checks: list[tuple[str, bool, str]] = []
-    for (kind, size, transport), ring in sorted(by.items()):
-        if transport not in RINGS:
-            continue
-        stock = by.get((kind, size, "stock"))
-        if stock and stock.main_cpu_ms:
-            ratio = ring.main_cpu_ms / stock.main_cpu_ms
-            checks.append(
-                (
-                    f"{transport} main CPU <= 0.5x stock's, {kind} {size:g} MiB",
-                    ratio <= 0.5,
-                    f"{ring.main_cpu_ms:.2f} vs {stock.main_cpu_ms:.2f} ms = {ratio:.2f}x",
-                )
-            )
-        if ring.memcpy_ms:
-            own = ring.main_cpu_ms - ring.touch_ms
-            ratio = own / ring.memcpy_ms
-            shared = own / ring.memcpy_shared_ms if ring.memcpy_shared_ms else float("nan")
-            checks.append(
-                (
-                    f"{transport} main CPU <= 1.3x memcpy, {kind} {size:g} MiB",
-                    ratio <= 1.3,
-                    f"{own:.2f} ms{' (reading the batch left out)' if ring.touch_ms else ''} = {ratio:.2f}x "
-                    f"one memcpy ({ring.memcpy_ms:.2f} ms), {_fmt(shared, '.2f')}x one memcpy while both "
-                    f"cores copy ({ring.memcpy_shared_ms:.2f} ms); private buffers "
-                    f"{ring.private_fresh} fresh, {ring.private_reused} recycled",
-                )
-            )
-    return checks
-
-
-def format_targets(checks: Sequence[tuple[str, bool, str]]) -> str:
-    if not checks:
-        return "targets: none of the targets applies to these configurations"
-    met = sum(ok for _, ok, _ in checks)
-    lines = [f"targets: {met} of {len(checks)} met"]
-    lines += [f"  {'met   ' if ok else 'MISSED'} {name}: {numbers}" for name, ok, numbers in checks]
-    return "\n".join(lines)
 
 
 def write_csv(results: Sequence[Result], path: str) -> None:
@@ -311,20 +201,24 @@ def report(
     name: str,
     notes: Sequence[str] = (),
     table: Callable[[Sequence[Result]], str] = format_table,
-    targets: bool = True,
+    *,
+    full: bool = True,
+    extra: Sequence[str] = (),
 ) -> str:
     """Write ``<name>.csv``, ``<name>.png`` and ``<name>.txt`` under ``out_dir``;
-    return the text (machine, table, targets, notes)."""
+    return the text to print.
+
+    It leads with what a user decides on (the summary and the per-payload
+    table of :mod:`._summary`) and the machine, then the full table (only with
+    ``full``; the .txt file always holds it: the figures behind the summary
+    should never be more than a file away), then ``extra`` (the targets, where
+    asked for) and the notes.
+    """
     os.makedirs(out_dir, exist_ok=True)
-    parts = [machine_line(results), table(results)]
-    if targets:
-        parts.append(format_targets(check_targets(results)))
-    text = "\n".join([*parts, *notes])
+    lead = [format_summary(results), "", format_decisions(results), f"measured on {machine_line(results)}"]
+    tail = [*extra, *notes]
     write_csv(results, os.path.join(out_dir, f"{name}.csv"))
-    with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
-        f.write(text + "\n")
+    with open(os.path.join(out_dir, f"{name}.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join([*lead, "", table(results), *tail]) + "\n")
     plot(results, os.path.join(out_dir, f"{name}.png"), title=machine_line(results))
-    return text
-
-
-#: What ``--quick`` runs unless told otherwise (also ``python -m torch_arena demo``).
+    return "\n".join([*lead, *(["", table(results)] if full else []), *tail])
