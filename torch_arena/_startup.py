@@ -78,7 +78,13 @@ def parse(text: str) -> ArenaSettings:
 
 
 def run() -> None:
-    """What the .pth line calls when ``TORCH_ARENA`` is set."""
+    """What the .pth line calls when ``TORCH_ARENA`` is set. Runs once: in a
+    virtual environment ``site`` processes site-packages, and so the line,
+    twice (``site.venv`` adds it, then ``site.main`` again)."""
+    with _lock:
+        if state["ran"]:
+            return
+        state["ran"] = True
     text = os.environ.get(VARIABLE, "")
     try:
         settings = parse(text)
@@ -88,7 +94,7 @@ def run() -> None:
         sys.stderr.write(f"torch_arena: {exc}\nUnset {VARIABLE} to run without torch_arena.\n")
         sys.stderr.flush()
         os._exit(2)
-    state.update(ran=True, settings=settings)
+    state["settings"] = settings
     if settings.enabled:
         when_imported("torch.utils.data.dataloader", lambda module: _arm(module.DataLoader))
         when_imported("torchdata.stateful_dataloader.stateful_dataloader", lambda m: _arm(m.StatefulDataLoader))
@@ -97,8 +103,8 @@ def run() -> None:
 def _arm(cls: type) -> None:
     """Replace ``cls._get_iterator`` by a trampoline that turns the switch on."""
     with _lock:
-        if state["turned_on"]:
-            return  # the switch hooks the class itself
+        if state["turned_on"] or any(armed is cls for armed, _ in _trampolines):
+            return  # the switch hooks the class itself / armed already
         original = cls.__dict__["_get_iterator"]
 
         def _get_iterator(self: Any) -> Any:
@@ -106,6 +112,7 @@ def _arm(cls: type) -> None:
             return self._get_iterator()  # the switch's hook, now
 
         _get_iterator.__wrapped__ = original  # type: ignore[attr-defined]
+        _get_iterator.torch_arena_trampoline = True  # type: ignore[attr-defined]
         cls._get_iterator = _get_iterator  # type: ignore[attr-defined]
         _trampolines.append((cls, original))
 
@@ -115,7 +122,7 @@ def _turn_on() -> None:
         if state["turned_on"]:
             return
         state["turned_on"] = True
-        for cls, original in _trampolines:
+        for cls, original in reversed(_trampolines):
             cls._get_iterator = original  # type: ignore[attr-defined]
         _trampolines.clear()
     from torch_arena._loader import switch

@@ -68,6 +68,10 @@ def register(cls: type, factory: IteratorFactory, forget: Callable[[Any], None] 
         if installed:
             return
         original_init, original_get_iterator = cls.__init__, cls._get_iterator
+        while getattr(original_get_iterator, "torch_arena_trampoline", False):
+            # The start-up hook's stand-in, left on the class: calling it would
+            # come back here. What it stands in for is the original.
+            original_get_iterator = original_get_iterator.__wrapped__
 
         @functools.wraps(original_init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -98,6 +98,7 @@ class ArenaIteratorMixin:
                 # Batches these workers committed but nobody will read (early
                 # break, abandoned iterator) go back to the arena.
                 session.note_workers_gone(pids)
+                session.keep_peaks()
 
 
 class ArenaMultiProcessingDataLoaderIter(ArenaIteratorMixin, _MultiProcessingDataLoaderIter):

@@ -74,6 +74,8 @@ class LoaderArena:
                 warn_if_too_few_units(arena, slots)
                 session = ArenaSession(arena, owned=False, slots=slots)
             self.session, self._session_key = session, key
+            if self.record is not None:
+                self.record.follow(session)
         return session
 
     def stats(self) -> ArenaStats:

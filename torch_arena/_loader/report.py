@@ -28,6 +28,10 @@ _lock = threading.Lock()
 _registered = False
 
 
+def _dead() -> None:
+    return None
+
+
 def enabled() -> bool:
     """Whether ``TORCH_ARENA_REPORT`` asks for the report."""
     return os.environ.get("TORCH_ARENA_REPORT", "").strip().lower() in _TRUE
@@ -49,12 +53,22 @@ def merge(total: ArenaStats, more: ArenaStats) -> ArenaStats:
 
 
 class Record:
-    """What one loader moved: released sessions' totals, and the live one."""
+    """What one loader moved: released sessions' totals, and the live one.
+
+    The live session's statistics are held strongly (a small dataclass the
+    session updates in place), the session itself weakly: a loader dropped
+    before the exit, its session and arena with it, still gets its line."""
 
     def __init__(self, state: Any) -> None:
         self.state = weakref.ref(state)
         self.description = "a DataLoader"
         self.released = ArenaStats()
+        self._session: Any = _dead
+        self._session_stats: ArenaStats | None = None
+
+    def follow(self, session: Any) -> None:
+        """``session`` is the loader's live session now."""
+        self._session, self._session_stats = weakref.ref(session), session.stats
 
     def describe(self, loader: Any) -> None:
         dataset = getattr(loader, "dataset", None)
@@ -62,11 +76,16 @@ class Record:
         self.description = f"{type(loader).__name__} over {type(dataset).__name__} ({arena})"
 
     def add(self, stats: ArenaStats) -> None:
+        """The live session was released; ``stats`` is what it moved."""
         self.released = merge(self.released, stats)
+        self._session, self._session_stats = _dead, None
 
     def totals(self) -> ArenaStats:
-        state = self.state()
-        live = state.session.snapshot() if state is not None and state.session is not None else ArenaStats()
+        session = self._session()
+        if session is not None and not session.arena.closed:
+            live = session.snapshot()
+        else:  # dropped with its loader: its counts, and its peaks as of its last iterator
+            live = self._session_stats or ArenaStats()
         return merge(self.released, live)
 
     def line(self) -> str:

@@ -170,6 +170,15 @@ class ArenaSession:
             stats.committed_high_water = usage["committed_high_water"]
         return stats
 
+    def keep_peaks(self) -> None:
+        """Copy the arena's peak figures into :attr:`stats` (an iterator ended):
+        what the report prints for a loader dropped before the exit."""
+        if not self.arena.closed:
+            snapshot, stats = self.snapshot(), self.stats
+            stats.high_water_units = max(stats.high_water_units, snapshot.high_water_units)
+            stats.high_water_bytes = max(stats.high_water_bytes, snapshot.high_water_bytes)
+            stats.committed_high_water = max(stats.committed_high_water, snapshot.committed_high_water)
+
     def close(self) -> None:
         """Release the arena if this session created it."""
         with _sessions_lock:
