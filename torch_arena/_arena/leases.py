@@ -22,9 +22,11 @@ or state no longer matches).
 Who drains: the consumer's own arena calls (``open_unit``, a writer's
 ``begin_unit`` in the same process, anything that reports usage) when
 something died, and otherwise a daemon thread that looks every few
-milliseconds while leases are outstanding. It never wakes per death, so the
-training process pays for a release only in its own thread, with no lock and
-no thread switch.
+milliseconds while leases are outstanding. It never wakes per death, and it
+parks only after a second with nothing outstanding: a training loop, whose
+previous batch is often released just before the next one is held, never has
+to wake it. So the training process pays for a release only in its own
+thread, with no lock and no thread switch.
 
 After ``fork`` the child starts with an empty registry: views it inherited
 belong to its parent, which releases them.
@@ -49,6 +51,9 @@ _REAP_INTERVAL_S = 0.01
 #: How often it scans the whole registry for dead leases nobody hinted at (a
 #: drain cut short by an interrupt).
 _SWEEP_S = 1.0
+#: How long it keeps looking with nothing outstanding before it parks (and a
+#: new lease has to wake it).
+_LINGER_S = 1.0
 
 
 class _Reaper:
@@ -65,23 +70,35 @@ class _Reaper:
         self.local = threading.local()
         self.wake = threading.Event()
         self.thread: threading.Thread | None = None
+        # Set (under ``lock``) when the thread waits for ``wake``: only then
+        # does a new lease have to wake it.
+        self.parked = False
 
     def ensure_running(self) -> None:
+        """Start the thread, or wake it if it parked. Call under ``lock``."""
         if self.thread is None:
             thread = threading.Thread(target=self._run, name="torch_arena-lease-reaper", daemon=True)
             thread.start()
             self.thread = thread
-        self.wake.set()
+        if self.parked:
+            self.parked = False
+            self.wake.set()
 
     def _run(self) -> None:
-        last_sweep = time.monotonic()
+        last_sweep = last_busy = time.monotonic()
         while True:
-            if not self.active:
-                self.wake.wait()
-                self.wake.clear()
+            if not self.active and time.monotonic() - last_busy >= _LINGER_S:
+                with self.lock:  # parked is read under the same lock by hold()
+                    park = self.parked = not self.active
+                    self.wake.clear()
+                if park:
+                    self.wake.wait()
+                last_busy = time.monotonic()
                 continue
             time.sleep(_REAP_INTERVAL_S)
             now = time.monotonic()
+            if self.active:
+                last_busy = now
             if now - last_sweep >= _SWEEP_S:
                 last_sweep = now
                 self.drain(sweep=True)
@@ -187,7 +204,6 @@ class LeaseTracker:
                     reaper.active.pop(id(self), None)
             return
         with reaper.lock:
-            idle = not reaper.active  # the reaper thread waits for a first lease
             old = self.refs.get(key, ())
             self.refs[key] = refs  # the swap: one assignment
             reaper.active[id(self)] = self
@@ -195,8 +211,8 @@ class LeaseTracker:
                 reaper.entries[id(ref)] = (self, key, ref)
             for ref in old:
                 reaper.entries.pop(id(ref), None)
-        if idle or reaper.thread is None:
-            reaper.ensure_running()
+            if reaper.parked or reaper.thread is None:
+                reaper.ensure_running()
 
     @property
     def held(self) -> int:
