@@ -28,27 +28,55 @@ _WAIT_SLICE_S = 0.05
 _pid = os.getpid()
 
 
+_setup_lock = threading.Lock()  # one thread sets up a ProcessLock in a process
+
+
 def _after_fork_in_child() -> None:
-    global _pid
+    global _pid, _setup_lock
     _pid = os.getpid()
+    _setup_lock = threading.Lock()  # a parent's thread may have held it
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_held = threading.local()
+class _HeldLocks(threading.local):
+    depth = 0  # how many arena locks this thread holds
+
+
+_held = _HeldLocks()
 
 
 def holds_arena_lock() -> bool:
     """Whether this thread holds some arena's lock right now (code that the
     garbage collector can run inside an arena call checks it: the locks are
     not reentrant)."""
-    return getattr(_held, "depth", 0) > 0
+    return _held.depth > 0
 
 
 def current_pid() -> int:
     """This process's id, without a system call per use (kept right across fork)."""
     return _pid
+
+
+# NOTE [ Arena lock and KeyboardInterrupt ]
+#
+# Python runs a signal handler between two bytecodes, so a Ctrl-C can raise
+# KeyboardInterrupt right after ``lock.acquire()`` returned and before the
+# ``try`` that would give the lock back, or on entry to ``release``. A plain
+# ``threading.Lock`` leaked that way is never released: the next arena call in
+# that thread (the loader's shutdown at exit, a notebook's next cell) waits for
+# itself forever. So the thread lock is an ``RLock``, whose owner is known:
+#
+# * ``acquire`` in a thread that already owns the lock treats it as leaked by
+#   an interrupted acquire or release and takes over the hold, instead of
+#   waiting for itself; the locks are never taken reentrantly on purpose
+#   (``holds_arena_lock`` guards the one path that could).
+# * ``_counted`` says whether the current hold is in this thread's ``depth``;
+#   it is set and cleared with no call in between (no bytecode that runs a
+#   signal handler), so ``depth`` is right whichever step was interrupted.
+# * Every step after the thread lock is taken is inside a ``try`` whose
+#   handler also undoes the ``flock``.
 
 
 class ProcessLock:
@@ -58,69 +86,96 @@ class ProcessLock:
         self._fd = fd
         self._pid = -1
         self._ofd = -1
-        self._thread_lock = threading.Lock()
+        self._thread_lock = threading.RLock()
+        self._counted = False
 
     def _ensure_process_state(self) -> None:
-        pid = _pid
-        if self._pid == pid:
+        if self._pid == _pid:
             return
         # A new process (fork child or unpickled copy): the inherited thread lock
         # may have been held by a thread that does not exist here, and the
-        # inherited open-file description is shared with the parent.
-        self._thread_lock = threading.Lock()
-        try:
-            self._ofd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
-            self._use_flock = True
-        except OSError:  # pragma: no cover - no /proc: per-process POSIX lock
-            self._ofd = self._fd
-            self._use_flock = False
-        self._pid = pid
+        # inherited open-file description is shared with the parent. Two threads
+        # may get here at once (the first use of a lock after a fork): one sets
+        # up, and the process id is written last, once everything is in place.
+        with _setup_lock:
+            pid = _pid
+            if self._pid == pid:
+                return
+            try:
+                ofd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR | os.O_CLOEXEC)
+                use_flock = True
+            except OSError:  # pragma: no cover - no /proc: per-process POSIX lock
+                ofd = self._fd
+                use_flock = False
+            self._thread_lock = threading.RLock()
+            self._counted = False
+            self._ofd, self._use_flock = ofd, use_flock
+            self._pid = pid
 
     def _lock_file(self) -> None:
-        # Called with the thread lock held. The try starts right after the
-        # thread lock is taken, with no call in between: a KeyboardInterrupt
-        # raised when _lock_file is entered must still give the thread lock back.
         if self._use_flock:
             fcntl.flock(self._ofd, fcntl.LOCK_EX)
         else:  # pragma: no cover
             fcntl.lockf(self._ofd, fcntl.LOCK_EX)
 
+    def _unlock_file(self) -> None:
+        if self._use_flock:
+            fcntl.flock(self._ofd, fcntl.LOCK_UN)
+        else:  # pragma: no cover
+            fcntl.lockf(self._ofd, fcntl.LOCK_UN)
+
+    def _count_hold(self) -> None:
+        if not self._counted:
+            self._counted = True
+            _held.depth += 1
+
+    def _give_back(self) -> None:
+        # The failure path of an acquire: nothing of the hold may stay behind.
+        if self._counted:
+            self._counted = False
+            _held.depth -= 1
+        try:
+            self._unlock_file()  # harmless when the flock was not taken
+        finally:
+            if self._thread_lock._is_owned():
+                self._thread_lock.release()
+
     def acquire(self) -> None:
-        """Block until this thread holds the lock."""
+        """Block until this thread holds the lock (see NOTE [ Arena lock and
+        KeyboardInterrupt ])."""
         self._ensure_process_state()
-        self._thread_lock.acquire()
+        lock = self._thread_lock
+        if not lock._is_owned():
+            lock.acquire()
         try:
             self._lock_file()
+            self._count_hold()
         except BaseException:
-            self._thread_lock.release()
+            self._give_back()
             raise
-        _held.depth = getattr(_held, "depth", 0) + 1
 
     def try_acquire_thread(self) -> bool:
         """Take the lock only if no thread of this process holds it right now."""
         self._ensure_process_state()
-        if not self._thread_lock.acquire(blocking=False):
+        lock = self._thread_lock
+        if not lock._is_owned() and not lock.acquire(blocking=False):
             return False
         try:
             self._lock_file()
+            self._count_hold()
         except BaseException:
-            self._thread_lock.release()
+            self._give_back()
             raise
-        _held.depth = getattr(_held, "depth", 0) + 1
         return True
 
     def release(self) -> None:
         """Release a lock taken with :meth:`acquire` or :meth:`try_acquire_thread`."""
-        _held.depth = getattr(_held, "depth", 1) - 1
+        if self._counted:
+            self._counted = False
+            _held.depth -= 1
         try:
-            if self._use_flock:
-                fcntl.flock(self._ofd, fcntl.LOCK_UN)
-            else:  # pragma: no cover
-                fcntl.lockf(self._ofd, fcntl.LOCK_UN)
+            self._unlock_file()
         finally:
-            # A KeyboardInterrupt raised by the signal handler right after the
-            # unlock must not leave the thread lock held: the next acquire in
-            # this thread would wait forever.
             self._thread_lock.release()
 
     def __del__(self) -> None:
