@@ -40,12 +40,19 @@ def stats(loader):
 def maps_arena():
     with open("/proc/self/maps") as f:
         return "/memfd:torch_arena" in f.read()
+
+def report(result):
+    # one file per process: the ranks of a launcher share one stdout, where
+    # two lines printed at once can run into each other
+    import os
+    with open(f"result-{os.getpid()}.json", "w") as f:
+        json.dump(result, f)
 '''
 
 
 def run_script(tmp_path: Path, body: str, variable: str | None, *launcher: str, timeout: float = 240) -> list[dict]:
     """Run ``body`` (after COMMON) with or without TORCH_ARENA; each process
-    that prints a JSON line counts (a launcher runs several)."""
+    that reports a result counts (a launcher runs several)."""
     script = tmp_path / "script.py"
     script.write_text(COMMON + textwrap.dedent(body))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCH_ARENA")}
@@ -55,7 +62,7 @@ def run_script(tmp_path: Path, body: str, variable: str | None, *launcher: str, 
     cmd = [*(launcher or (sys.executable,)), str(script)]
     proc = run_tree(cmd, cwd=tmp_path, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(path.read_text()) for path in sorted(tmp_path.glob("result-*.json"))]
 
 
 def both(tmp_path: Path, body: str, *launcher: str, timeout: float = 240) -> tuple[list[dict], list[dict]]:
@@ -84,8 +91,8 @@ if __name__ == "__main__":
     resumed = make()
     resumed.load_state_dict(state)
     tail = [ids.tolist() for ids, _ in resumed]
-    print(json.dumps({"head": head, "tail": tail, "first": stats(first), "resumed": stats(resumed),
-                      "mapped": maps_arena()}))
+    report({"head": head, "tail": tail, "first": stats(first), "resumed": stats(resumed),
+            "mapped": maps_arena()})
 '''
 
 
@@ -105,8 +112,8 @@ if __name__ == "__main__":
     acc = Accelerator(cpu=True)
     prepared = acc.prepare(DataLoader(Items(), batch_size=4, num_workers=2, shuffle=False))
     epochs = [[ids.tolist() for ids, _ in prepared] for _ in range(2)]
-    print(json.dumps({"rank": acc.process_index, "epochs": epochs, "stats": stats(prepared),
-                      "type": type(prepared).__name__}))
+    report({"rank": acc.process_index, "epochs": epochs, "stats": stats(prepared),
+            "type": type(prepared).__name__})
     acc.end_training()
 '''
 
@@ -162,7 +169,7 @@ if __name__ == "__main__":
                         enable_progress_bar=False, enable_model_summary=False, logger=False,
                         enable_checkpointing=False)
     trainer.fit(Model(), datamodule=Data())
-    print(json.dumps({"done": True}))
+    report({"done": True})
 '''
 
 
