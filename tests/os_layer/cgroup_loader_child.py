@@ -1,13 +1,13 @@
 """One DataLoader job, run by ``memory_jobs.py`` inside a memory cgroup.
 
-Usage: ``python cgroup_loader_child.py ARENA BATCH_MIB [--batches N] [--workers W]``
+Usage: ``python cgroup_loader_child.py ARENA BATCH_MIB [--batches N] [--workers W] [--trace]``
 
 ``ArenaDataLoader(..., arena=ARENA)`` with default settings otherwise (ARENA
 ``stock`` is ``arena=None``: torch's own transport), ``W`` workers, batches of
 8 float32 tensors of ``BATCH_MIB / 8`` MiB each; the loop reads every batch
 (checks its first and last column, sums it) and drops it. Each stdout line
 is one JSON event: ``start`` (pids, the arena's budget), ``batch`` (one per
-batch read), then ``done`` or ``error`` (a Python exception: its type and
+batch read; with ``--trace`` the arena's memory then), then ``done`` or ``error`` (a Python exception: its type and
 message). A process killed by a signal prints nothing more.
 """
 
@@ -68,12 +68,27 @@ def _end_facts(loader: torch_arena.ArenaDataLoader, arena: str) -> dict[str, obj
     return facts
 
 
+def _trace(loader: torch_arena.ArenaDataLoader, arena: str) -> dict[str, object]:
+    """The arena's bytes in use and committed, and this process's private
+    buffers (diagnostics: reading them takes the arena's lock)."""
+    if arena == "stock":
+        return {}
+    usage = loader.__dict__["_torch_arena"].session.arena.usage()
+    facts: dict[str, object] = {"in_use": usage["bytes_in_use"], "committed": usage["committed_bytes"]}
+    if arena == "ring":
+        from torch_arena._arena.private import process_buffers
+
+        facts.update(process_buffers().stats())
+    return facts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("arena", choices=["stock", "pool", "ring"])
     parser.add_argument("batch_mib", type=int)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--trace", action="store_true", help="the arena's memory in every batch event")
     args = parser.parse_args()
     numel = args.batch_mib * MiB // ITEMS_PER_BATCH // 4
     dataset = Items(args.batches * ITEMS_PER_BATCH, numel)
@@ -97,7 +112,7 @@ def main() -> int:
             float(batch.sum())  # read every byte
             del batch
             read += 1
-            emit("batch", n=read)
+            emit("batch", n=read, **(_trace(loader, args.arena) if args.trace else {}))
     except Exception as exc:  # noqa: BLE001 - reported, then a failing exit
         emit("error", type=type(exc).__name__, message=str(exc), batches=read, **_end_facts(loader, args.arena))
         return 1

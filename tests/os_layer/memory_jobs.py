@@ -104,6 +104,8 @@ class JobOutcome:
     stat_at_peak: dict[str, int] = dataclasses.field(default_factory=dict)
     process_at_peak: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     """Each process's ``/proc/<pid>/status`` figures at the sampled peak, by role."""
+    timeline: list[tuple[float, int, int, int]] = dataclasses.field(default_factory=list)
+    """``(seconds, usage, shmem, anon)`` of the cgroup, a sample every 0.1 s or so."""
     process_peaks: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     """Each process's own peaks over the run, by role (``main``, ``worker <pid>``)."""
     stderr_tail: str = ""
@@ -158,6 +160,8 @@ class _Sampler(threading.Thread):
         self.process_peaks: dict[int, dict[str, int]] = {}
         self.threads: dict[int, int] = {}
         """Thread id -> process id, for every thread seen."""
+        self.timeline: list[tuple[float, int, int, int]] = []
+        self.started = time.monotonic()
 
     def by_role(self, figures: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
         """``figures`` keyed ``main``, ``worker <pid>`` or ``other <pid>`` (the
@@ -184,9 +188,13 @@ class _Sampler(threading.Thread):
                 peaks = self.process_peaks.setdefault(pid, {})
                 for key, value in status.items():
                     peaks[key] = max(peaks.get(key, 0), value)
-            if usage > self.peak:
-                self.peak, self.process_at_peak = usage, statuses
-                self.stat_at_peak = _stat(self.directory, self.stat_keys)
+            now = time.monotonic() - self.started
+            if usage > self.peak or not self.timeline or now - self.timeline[-1][0] >= 0.1:
+                stat = _stat(self.directory, self.stat_keys)
+                anon = stat.get("rss", stat.get("anon", 0))
+                self.timeline.append((round(now, 2), usage, stat.get("shmem", 0), anon))
+                if usage > self.peak:
+                    self.peak, self.process_at_peak, self.stat_at_peak = usage, statuses, stat
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -394,6 +402,7 @@ def run_in_memory_cgroup(argv: list[str], limit: int, *, timeout: float = 240.0,
         except (OSError, ValueError):
             job.peak = sampler.peak
         job.sampled_peak, job.stat_at_peak = sampler.peak, sampler.stat_at_peak
+        job.timeline = sampler.timeline
         job.process_at_peak = sampler.by_role(sampler.process_at_peak)
         job.process_peaks = sampler.by_role(sampler.process_peaks)
         job.stderr_tail = "".join(stderr)[-4000:]
@@ -406,11 +415,12 @@ def run_in_memory_cgroup(argv: list[str], limit: int, *, timeout: float = 240.0,
 
 
 def loader_job(arena: str, batch_mib: int, limit: int, *, batches: int = 20, workers: int = 2,
-               timeout: float = 240.0) -> JobOutcome:
+               timeout: float = 240.0, trace: bool = False) -> JobOutcome:
     """``cgroup_loader_child.py``: one DataLoader (``arena``: ``stock``, ``pool``
     or ``ring``, default settings otherwise), ``workers`` workers, ``batches``
     batches of ``batch_mib`` MiB (8 float32 tensors), in a cgroup of ``limit``."""
     argv = [str(CHILD), arena, str(batch_mib), "--batches", str(batches), "--workers", str(workers)]
+    argv += ["--trace"] if trace else []
     env = {k: v for k, v in os.environ.items() if k != "TORCH_ARENA"}  # the job's own arena= decides
     return run_in_memory_cgroup(argv, limit, timeout=timeout, env=env)
 
@@ -431,6 +441,7 @@ def main() -> None:
     parser.add_argument("--arenas", nargs="+", default=["stock", "pool", "ring"])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--trace", action="store_true", help="the arena's memory after every batch")
     parser.add_argument("--json", help="write every job's outcome here")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -439,10 +450,9 @@ def main() -> None:
         for size in args.sizes:
             for arena in args.arenas:
                 for rep in range(args.repeat):
-                    job = loader_job(arena, size, limit, batches=args.batches)
+                    job = loader_job(arena, size, limit, batches=args.batches, trace=args.trace)
                     row = {"limit": limit, "batch_mib": size, "arena": arena, "rep": rep, "cell": _cell(job),
                            **dataclasses.asdict(job), "batches_read": job.batches}
-                    row.pop("events")
                     row["end"], row["start"] = job.event, job.start
                     rows.append(row)
                     print(f"{format_bytes(limit):>9} {size:4d} MiB {arena:5s} #{rep}: {job.summary()}", flush=True)
