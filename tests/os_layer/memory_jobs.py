@@ -108,6 +108,8 @@ class JobOutcome:
     """``(seconds, usage, shmem, anon)`` of the cgroup, a sample every 0.1 s or so."""
     process_peaks: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     """Each process's own peaks over the run, by role (``main``, ``worker <pid>``)."""
+    stdout_tail: str = ""
+    """The job's stdout lines that are not JSON events."""
     stderr_tail: str = ""
     lingering: list[int] = dataclasses.field(default_factory=list)
     """Job processes still alive after the job ended (killed by the harness)."""
@@ -337,7 +339,7 @@ def _classify(job: JobOutcome, rc: int, hung: bool) -> None:
         job.outcome, job.killed_role, job.signal = "killed", "/".join(sorted(roles)), "SIGKILL"
     elif end.get("event") == "error":
         job.outcome = "error"
-    elif rc == 0 and end.get("event") == "done":
+    elif rc == 0:
         job.outcome = "completed"
 
 
@@ -367,6 +369,7 @@ def run_in_memory_cgroup(argv: list[str], limit: int, *, timeout: float = 240.0,
         roles[proc.pid] = "main"
         sampler = _Sampler(directory, mount.version, roles, interval)
         sampler.start()
+        stdout: list[str] = []
         stderr: list[str] = []
 
         def read_stdout() -> None:
@@ -374,6 +377,7 @@ def run_in_memory_cgroup(argv: list[str], limit: int, *, timeout: float = 240.0,
                 try:
                     event = json.loads(line)
                 except ValueError:
+                    stdout.append(line)
                     continue
                 if event.get("event") == "start":
                     roles.update({pid: "worker" for pid in event.get("workers", ())})
@@ -405,7 +409,7 @@ def run_in_memory_cgroup(argv: list[str], limit: int, *, timeout: float = 240.0,
         job.timeline = sampler.timeline
         job.process_at_peak = sampler.by_role(sampler.process_at_peak)
         job.process_peaks = sampler.by_role(sampler.process_peaks)
-        job.stderr_tail = "".join(stderr)[-4000:]
+        job.stdout_tail, job.stderr_tail = "".join(stdout)[-4000:], "".join(stderr)[-4000:]
         job.victims = _kernel_ooms(cgroups.path_of(directory), roles, sampler.threads) if job.oom_kills else []
         _classify(job, rc, hung)
     finally:

@@ -85,7 +85,8 @@ def _assert_clean(job: JobOutcome) -> None:
 
 
 def _describe(job: JobOutcome) -> str:
-    return f"{job.summary()}; OOM kills: {job.victims}; stat at peak: {job.stat_at_peak}\n{job.stderr_tail[-2000:]}"
+    return (f"{job.summary()}; OOM kills: {job.victims}; stat at peak: {job.stat_at_peak}\n"
+            f"{job.stdout_tail[-1000:]}\n{job.stderr_tail[-2000:]}")
 
 
 # -- the harness ----------------------------------------------------------------------
@@ -173,6 +174,7 @@ def test_an_arena_commit_past_the_cgroup_limit_is_a_memory_error():
     ``posix_fallocate`` (``commit_range`` trusts it to fail with ENOMEM)."""
     job = run_in_memory_cgroup(["-c", ARENA_COMMITS, "1GiB"], 384 * MiB, timeout=120)
     assert job.outcome == "completed" and job.oom_kills == 0, _describe(job)
+    assert "MemoryError after" in job.stdout_tail and "memory.limit_in_bytes" in job.stdout_tail, job.stdout_tail
     _assert_clean(job)
 
 
