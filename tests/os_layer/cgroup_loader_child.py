@@ -89,7 +89,13 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--trace", action="store_true", help="the arena's memory in every batch event")
+    parser.add_argument("--inline-restore", action="store_true",
+                        help="experiment: no restore thread for the ring (restores run in next(), none ahead)")
     args = parser.parse_args()
+    if args.inline_restore:
+        import torch_arena._loader.iterators as iterators
+
+        iterators.start_restore_thread = lambda iterator: None
     numel = args.batch_mib * MiB // ITEMS_PER_BATCH // 4
     dataset = Items(args.batches * ITEMS_PER_BATCH, numel)
     loader = torch_arena.ArenaDataLoader(

@@ -419,12 +419,12 @@ def run_in_memory_cgroup(argv: list[str], limit: int, *, timeout: float = 240.0,
 
 
 def loader_job(arena: str, batch_mib: int, limit: int, *, batches: int = 20, workers: int = 2,
-               timeout: float = 240.0, trace: bool = False) -> JobOutcome:
+               timeout: float = 240.0, trace: bool = False, extra: tuple[str, ...] = ()) -> JobOutcome:
     """``cgroup_loader_child.py``: one DataLoader (``arena``: ``stock``, ``pool``
     or ``ring``, default settings otherwise), ``workers`` workers, ``batches``
     batches of ``batch_mib`` MiB (8 float32 tensors), in a cgroup of ``limit``."""
     argv = [str(CHILD), arena, str(batch_mib), "--batches", str(batches), "--workers", str(workers)]
-    argv += ["--trace"] if trace else []
+    argv += (["--trace"] if trace else []) + list(extra)
     env = {k: v for k, v in os.environ.items() if k != "TORCH_ARENA"}  # the job's own arena= decides
     return run_in_memory_cgroup(argv, limit, timeout=timeout, env=env)
 
@@ -446,6 +446,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--trace", action="store_true", help="the arena's memory after every batch")
+    parser.add_argument("--child", nargs="*", default=[], help="more arguments for the job (e.g. --inline-restore)")
     parser.add_argument("--json", help="write every job's outcome here")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
@@ -454,7 +455,7 @@ def main() -> None:
         for size in args.sizes:
             for arena in args.arenas:
                 for rep in range(args.repeat):
-                    job = loader_job(arena, size, limit, batches=args.batches, trace=args.trace)
+                    job = loader_job(arena, size, limit, batches=args.batches, trace=args.trace, extra=tuple(args.child))
                     row = {"limit": limit, "batch_mib": size, "arena": arena, "rep": rep, "cell": _cell(job),
                            **dataclasses.asdict(job), "batches_read": job.batches}
                     row["end"], row["start"] = job.event, job.start
