@@ -91,11 +91,25 @@ def main() -> int:
     parser.add_argument("--trace", action="store_true", help="the arena's memory in every batch event")
     parser.add_argument("--inline-restore", action="store_true",
                         help="experiment: no restore thread for the ring (restores run in next(), none ahead)")
+    parser.add_argument("--no-private-cache", action="store_true",
+                        help="experiment: the ring's private buffers are unmapped as soon as they are free")
     args = parser.parse_args()
     if args.inline_restore:
         import torch_arena._loader.iterators as iterators
 
         iterators.start_restore_thread = lambda iterator: None
+    if args.no_private_cache:
+        from torch_arena._arena import private
+
+        def keep_nothing_free(self: private.PrivateBuffers) -> None:
+            while self._free:
+                self._free_bytes -= len(buf := self._free.pop())
+                try:
+                    buf.close()
+                except BufferError:  # an export outlived its anchor
+                    pass
+
+        private.PrivateBuffers._trim = keep_nothing_free
     numel = args.batch_mib * MiB // ITEMS_PER_BATCH // 4
     dataset = Items(args.batches * ITEMS_PER_BATCH, numel)
     loader = torch_arena.ArenaDataLoader(

@@ -446,7 +446,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--trace", action="store_true", help="the arena's memory after every batch")
-    parser.add_argument("--child", nargs="*", default=[], help="more arguments for the job (e.g. --inline-restore)")
+    parser.add_argument("--child", action="append", default=[],
+                        help="one more argument for the job, e.g. --child=--inline-restore (repeatable)")
     parser.add_argument("--json", help="write every job's outcome here")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
