@@ -198,6 +198,19 @@ def test_available_memory_takes_the_tightest_headroom(monkeypatch):
         limits_module.preflight(GiB, "a test arena")
 
 
+def test_a_commit_leaves_the_reserve_free_under_the_tightest_limit(monkeypatch):
+    """The kernel OOM-kills rather than refuse a charge past a memory cgroup's
+    limit, so a commit is refused before it is made (PROTOTYPE, issue 17)."""
+    job = MemoryLimit(1, "/job", "/sys/fs/cgroup/memory/job/memory.limit_in_bytes", GiB, GiB - 100 * MiB)
+    monkeypatch.setattr(limits_module, "memory_limits", lambda: [MemoryLimit(1, "/", "/x", None), job])
+    assert limits_module.commit_reserve(job) == 32 * MiB  # 1/32 of the limit, at least 16 MiB
+    limits_module.check_commit(68 * MiB, "a unit")
+    with pytest.raises(MemoryError, match=r"not committing 69\.0 MiB .* 100\.0 MiB is left under cgroup v1 "):
+        limits_module.check_commit(69 * MiB, "a unit")
+    monkeypatch.setattr(limits_module, "memory_limits", lambda: [MemoryLimit(1, "/", "/x", None)])
+    limits_module.check_commit(64 * GiB, "a unit")  # no limit: the kernel's own refusal stands
+
+
 # -- real nested cgroups ------------------------------------------------------
 
 #: Run in a process placed in the cgroup: what the arena's default budget sees.

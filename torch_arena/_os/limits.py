@@ -12,9 +12,15 @@ from __future__ import annotations
 from torch_arena._os.cgroups import MemoryLimit, memory_limits
 from torch_arena._os.sizes import format_bytes
 
-__all__ = ["MemoryLimit", "available_memory", "memory_limits", "preflight", "tightest_limit"]
+__all__ = ["MemoryLimit", "available_memory", "check_commit", "commit_reserve", "memory_limits", "preflight", "tightest_limit"]
 
 MEMINFO_SOURCE = "MemAvailable in /proc/meminfo"
+
+#: What a commit must leave free under a memory cgroup limit: this share of the
+#: limit, at least :data:`MIN_COMMIT_RESERVE` (room for the job's other
+#: allocations meanwhile: page tables, a worker's next samples, another writer).
+COMMIT_RESERVE_SHARE = 32
+MIN_COMMIT_RESERVE = 16 << 20
 
 
 def _mem_available() -> int | None:
@@ -64,4 +70,32 @@ def preflight(nbytes: int, what: str) -> None:
             f"torch_arena: cannot reserve {format_bytes(nbytes)} of shared memory for "
             f"{what}: only {format_bytes(available)} is available ({source}). "
             "Make the arena smaller (segment_size × count, capacity, or arena_budget)."
+        )
+
+
+def commit_reserve(limit: MemoryLimit) -> int:
+    """Bytes a commit leaves free under ``limit`` (see :data:`COMMIT_RESERVE_SHARE`)."""
+    return max(MIN_COMMIT_RESERVE, (limit.limit or 0) // COMMIT_RESERVE_SHARE)
+
+
+def check_commit(nbytes: int, what: str) -> None:
+    """Raise :class:`MemoryError` if committing ``nbytes`` now would leave less
+    than :func:`commit_reserve` under the tightest memory cgroup limit.
+
+    Checked *before* the commit because the kernel does not refuse it: a
+    ``posix_fallocate`` of shared memory past a memory cgroup's limit does not
+    fail with ENOMEM, the OOM killer kills the cgroup's largest process (often
+    the training process, which maps every batch) and the fallocate goes on.
+    """
+    tightest = tightest_limit(memory_limits())
+    if tightest is None or tightest.headroom is None:
+        return
+    reserve = commit_reserve(tightest)
+    if nbytes + reserve > tightest.headroom:
+        raise MemoryError(
+            f"torch_arena: not committing {format_bytes(nbytes)} of shared memory for {what}: only "
+            f"{format_bytes(tightest.headroom)} is left under {tightest.describe()}, and "
+            f"{format_bytes(reserve)} stays free for the job's other needs (past a memory cgroup's "
+            "limit the kernel kills the largest process instead of refusing memory). "
+            "Make the arena smaller (arena_budget), or keep fewer batches alive."
         )
