@@ -58,6 +58,7 @@ def _end_facts(loader: torch_arena.ArenaDataLoader, arena: str) -> dict[str, obj
     stats = loader.arena_stats
     facts: dict[str, object] = {
         "fallbacks": stats.fallbacks,
+        "spilled": stats.spilled,
         "fallback_reason": stats.last_fallback_reason,
         "committed_high_water": stats.committed_high_water,
     }

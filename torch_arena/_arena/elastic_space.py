@@ -273,6 +273,9 @@ class ElasticSpace(Space):
         file = self._file()
         return committed_bytes(file.fds.memory_fd) - file.header_bytes, self.views(units).words[_COMMITTED_HW]
 
+    def cap(self, units: UnitTable) -> int | None:
+        return int(self.views(units).words[_CAP])
+
     def full_message(self, units: UnitTable, need: int, waited: float, timeout: float) -> str:
         words = self.views(units).words
         return (
