@@ -245,3 +245,73 @@ def test_copy_out_memory_is_bounded_while_the_loop_is_slow(persistent):
         assert max(busy) <= limit, (max(busy) >> 20, limit >> 20)
     assert loader.arena_stats.fallbacks == 0
     loader.release_arena()
+
+
+def _available() -> int:
+    from torch_arena._os.limits import available_memory
+
+    available, _ = available_memory()
+    assert available is not None
+    return available
+
+
+@pytest.fixture
+def no_free_buffers(monkeypatch):
+    """A fresh buffer cache: free buffers kept from earlier tests would take
+    the copies (reusing them costs no memory, so nothing is spilled)."""
+    import torch_arena._arena.private as private
+
+    monkeypatch.setattr(private, "_buffers", None)
+
+
+def test_a_copy_that_would_take_what_the_ring_may_grow_into_is_restored_zero_copy(no_free_buffers):
+    """A ring allowed to grow past what this machine (or its memory cgroup)
+    has: a private copy would take memory the ring may still claim, so the
+    batch is restored zero-copy instead (counted), holds its unit while it
+    lives, and gives it back when dropped."""
+    ring = ta.SharedMemoryElasticRing(max_bytes=2 * _available())
+    writer, reader = ring.open_writer(), ring.open_reader()
+    batch = {"x": torch.arange(2 * MiB, dtype=torch.float32), "y": np.arange(1000)}
+    out = ta.restore(ta.offload(batch, writer), reader)
+    assert torch.equal(out["x"], batch["x"]) and np.array_equal(out["y"], batch["y"])
+    assert reader.spilled == 1
+    assert inside_arena(ring, out["x"].numpy())  # a view of the ring, not a copy
+    assert ring.usage()["units_in_use"] == 1  # held by the views
+    del out
+    collect()
+    assert ring.usage()["units_in_use"] == 0
+    ring.close()
+
+
+def test_a_ring_that_cannot_outgrow_the_machine_copies_out(no_free_buffers):
+    ring = ta.SharedMemoryElasticRing(max_bytes="256MiB")
+    writer, reader = ring.open_writer(), ring.open_reader()
+    out = ta.restore(ta.offload(torch.arange(2 * MiB, dtype=torch.float32), writer), reader)
+    assert reader.spilled == 0 and not inside_arena(ring, out.numpy())
+    assert ring.usage()["units_in_use"] == 0  # released as soon as it was read
+    ring.close()
+
+
+class _Tensors(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((256, 1024), float(i))
+
+
+@pytest.mark.slow
+def test_loader_counts_spilled_batches_and_gives_stocks_batches(no_free_buffers):
+    """Through real workers and the restore thread: every batch spilled, the
+    same values as without the arena, counted in ``arena_stats.spilled``, and
+    every unit back once the batches are dropped."""
+    ring = ta.SharedMemoryElasticRing(max_bytes=2 * _available())
+    loader = ta.ArenaDataLoader(_Tensors(), batch_size=4, num_workers=2, arena=ring)
+    got = [batch.clone() for batch in loader]
+    expected = list(torch.utils.data.DataLoader(_Tensors(), batch_size=4))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
+    stats = loader.arena_stats
+    assert (stats.batches, stats.spilled, stats.fallbacks) == (4, 4, 0)
+    collect()
+    assert ring.usage()["units_in_use"] == 0
+    ring.close()

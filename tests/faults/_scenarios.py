@@ -310,6 +310,9 @@ def gc_reentry(kind: str) -> None:
 
     arena = make_arena(kind, 4, 1 << 16)
     session = ArenaSession(arena, owned=False, slots=4)
+    # Only the collection below may find the garbage: an automatic one in
+    # between (any allocation can start it) would run it outside the lock.
+    gc.disable()
 
     class AbandonedIterator:  # what _shutdown_workers does from __del__
         def __del__(self) -> None:
@@ -333,6 +336,7 @@ def gc_reentry(kind: str) -> None:
     usage = arena.usage() if kind == "ring" else None
     with arena.file.locked():
         pass
+    gc.enable()
     deferred = sorted(session._dead_workers)
     session.note_workers_gone([])  # the next iterator's start
     result(deferred=deferred, later=sorted(session._dead_workers), usage=usage or arena.usage())

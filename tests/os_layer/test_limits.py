@@ -14,10 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from cgroup_helpers import HIERARCHIES, IN_CGROUP, LIMIT_FILE, NO_HIERARCHY, NestedCgroups
 
 import torch_arena._os.limits as limits_module
 from torch_arena._os.cgroups import (
@@ -198,10 +198,20 @@ def test_available_memory_takes_the_tightest_headroom(monkeypatch):
         limits_module.preflight(GiB, "a test arena")
 
 
-# -- real nested cgroups ------------------------------------------------------
+def test_a_commit_leaves_the_reserve_free_under_the_tightest_limit(monkeypatch):
+    """The kernel OOM-kills rather than refuse a charge past a memory cgroup's
+    limit, so a commit is refused before it is made (PROTOTYPE, issue 17)."""
+    job = MemoryLimit(1, "/job", "/sys/fs/cgroup/memory/job/memory.limit_in_bytes", GiB, GiB - 100 * MiB)
+    monkeypatch.setattr(limits_module, "memory_limits", lambda: [MemoryLimit(1, "/", "/x", None), job])
+    assert limits_module.commit_reserve(job) == 32 * MiB  # 1/32 of the limit, at least 16 MiB
+    limits_module.check_commit(68 * MiB, "a unit")
+    with pytest.raises(MemoryError, match=r"not committing 69\.0 MiB .* 100\.0 MiB is left under cgroup v1 "):
+        limits_module.check_commit(69 * MiB, "a unit")
+    monkeypatch.setattr(limits_module, "memory_limits", lambda: [MemoryLimit(1, "/", "/x", None)])
+    limits_module.check_commit(64 * GiB, "a unit")  # no limit: the kernel's own refusal stands
 
-#: The file each version's limit is written to.
-LIMIT_FILE = {1: "memory.limit_in_bytes", 2: "memory.max"}
+
+# -- real nested cgroups ------------------------------------------------------
 
 #: Run in a process placed in the cgroup: what the arena's default budget sees.
 PROBE = """
@@ -222,88 +232,11 @@ print(json.dumps({"available": available, "source": source, "budget": budget,
 """
 
 
-def _usable_hierarchies() -> list[CgroupMount]:
-    """One mounted hierarchy per version where a test can make memory cgroups:
-    v1 with the ``memory`` controller, v2 with ``memory`` in the root's
-    ``cgroup.subtree_control`` (so new cgroups get ``memory.max``), writable."""
-    try:
-        mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    except OSError:
-        return []
-    usable: dict[int, CgroupMount] = {}
-    for mount in mounts:
-        if mount.version == 2:
-            try:
-                if "memory" not in (Path(mount.mount_point) / "cgroup.subtree_control").read_text().split():
-                    continue
-            except OSError:
-                continue
-        if os.access(mount.mount_point, os.W_OK):
-            usable.setdefault(mount.version, mount)
-    return list(usable.values())
-
-
-HIERARCHIES = _usable_hierarchies()
-
-
-class NestedCgroups:
-    """Makes chains of nested memory cgroups on ``mount`` and removes them all."""
-
-    def __init__(self, mount: CgroupMount) -> None:
-        self.mount, self.made, self.count = mount, [], 0
-
-    def path_of(self, directory: Path) -> str:
-        """The cgroup's path as ``/proc/self/cgroup`` names it."""
-        return os.path.join(self.mount.root, str(directory.relative_to(self.mount.mount_point)))
-
-    def nest(self, limits: list[int | None]) -> list[Path]:
-        """``torch_arena_test_<pid>_<n>/child/child...``, one level per limit
-        (None: no limit set), outermost first."""
-        self.count += 1
-        directory = Path(self.mount.mount_point) / f"torch_arena_test_{os.getpid()}_{self.count}"
-        dirs: list[Path] = []
-        for limit in limits:
-            if dirs and self.mount.version == 2:
-                (dirs[-1] / "cgroup.subtree_control").write_text("+memory")
-            directory = dirs[-1] / "child" if dirs else directory
-            try:
-                directory.mkdir()
-            except OSError as exc:
-                pytest.skip(f"cannot make a memory cgroup under {self.mount.mount_point} ({exc}): run as root")
-            self.made.append(directory)
-            dirs.append(directory)
-            if limit is not None:
-                (directory / LIMIT_FILE[self.mount.version]).write_text(str(limit))
-        return dirs
-
-    def remove(self) -> None:
-        """Move any process left inside back to this test's own cgroup, then
-        remove the cgroups, children first (the kernel refuses otherwise)."""
-        own = parse_proc_cgroup(Path("/proc/self/cgroup").read_text()).get(self.mount.version, "/")
-        where = locate(own, [self.mount], self.mount.version)
-        home = Path(self.mount.mount_point, *where[1]) if where else Path(self.mount.mount_point)
-        for directory in reversed(self.made):
-            deadline = time.monotonic() + 10
-            while directory.exists():
-                for pid in (directory / "cgroup.procs").read_text().split():
-                    try:
-                        (home / "cgroup.procs").write_text(pid)
-                    except OSError:  # it exited meanwhile
-                        pass
-                try:
-                    directory.rmdir()
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-
-
 @pytest.fixture(params=HIERARCHIES or [None], ids=lambda m: f"v{m.version}" if m else "none")
 def cgroups(request):
     """Nested memory cgroups on each usable hierarchy, removed even when the test fails."""
     if request.param is None:
-        pytest.skip("no writable cgroup hierarchy with a memory controller is mounted (v1 memory, or v2 "
-                    "with memory in cgroup.subtree_control): run as root on a host with one")
+        pytest.skip(NO_HIERARCHY)
     made = NestedCgroups(request.param)
     try:
         yield made
@@ -314,7 +247,7 @@ def cgroups(request):
 def _in_cgroup(directory: Path, *argv: str) -> subprocess.CompletedProcess:
     """``python *argv`` in a process that first moves itself into ``directory``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(directory), sys.executable, *argv]
+    cmd = [*IN_CGROUP, str(directory), sys.executable, *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=120, check=False)
 
 

@@ -250,6 +250,12 @@ class ArenaCore:
             }
         )
 
+    def memory_figures(self) -> tuple[int, int | None]:
+        """Memory the arena holds now, and its cap (None: a fixed arena)."""
+        with self.file.locked() as header:
+            units = self.units(header)
+            return self.space.committed(units)[0], self.space.cap(units)
+
     def states(self) -> list[str]:
         """Every unit slot's state by name (diagnostics)."""
         return self.with_units(UnitTable.state_names)

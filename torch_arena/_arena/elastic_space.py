@@ -239,7 +239,23 @@ class ElasticSpace(Space):
             self.give_back(placement.give_back)
         if placement.fresh:
             file = self._file()
-            commit_range(file.fds.memory_fd, file.header_bytes + placement.start, placement.length, what)
+            commit = (file.fds.memory_fd, file.header_bytes + placement.start, placement.length, what)
+            try:
+                commit_range(*commit)
+            except MemoryError:
+                # Warm memory is memory torch's own transport would not hold:
+                # give it all back before refusing.
+                if not self._give_back_warm():
+                    raise
+                commit_range(*commit)
+
+    def _give_back_warm(self) -> int:
+        """Give every warm extent back to the kernel now; returns the bytes."""
+        file = self._file()
+        with file.locked():
+            marked = self.trim(file.cached("units", UnitTable), 0)
+        self.give_back(marked)
+        return sum(length for _, length in marked)
 
     def give_back(self, ranges: tuple[Extent, ...]) -> None:
         """Punch the marked ranges (no lock held), then make them cold."""
@@ -256,6 +272,9 @@ class ElasticSpace(Space):
     def committed(self, units: UnitTable) -> tuple[int, int]:
         file = self._file()
         return committed_bytes(file.fds.memory_fd) - file.header_bytes, self.views(units).words[_COMMITTED_HW]
+
+    def cap(self, units: UnitTable) -> int | None:
+        return int(self.views(units).words[_CAP])
 
     def full_message(self, units: UnitTable, need: int, waited: float, timeout: float) -> str:
         words = self.views(units).words

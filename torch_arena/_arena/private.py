@@ -23,15 +23,21 @@ from __future__ import annotations
 import collections
 import mmap
 import threading
+import time
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 
 from torch_arena._arena.working_set import CELLS, WorkingSet
+from torch_arena._os.limits import room_for_private
 from torch_arena._os.memory import PAGE_SIZE
 from torch_arena._os.sync import current_pid
 
 __all__ = ["PrivateBuffers", "process_buffers", "size_class"]
+
+_CHECK_EVERY = 4 << 20  # fresh bytes asked for between two reads of the memory limit
+_RECHECK_S = 0.1  # the most time between two reads while free buffers serve
 
 
 def size_class(nbytes: int) -> int:
@@ -54,6 +60,8 @@ class PrivateBuffers:
         self._busy_bytes = 0
         self._free_bytes = 0
         self._working_set = WorkingSet([0] * CELLS)
+        self._unchecked = 0  # fresh bytes asked for since the limit was last read
+        self._checked_at = 0.0
         self.fresh = 0
         """Buffers mapped anew (each costs first-touch page faults)."""
         self.reused = 0
@@ -64,6 +72,32 @@ class PrivateBuffers:
         dst = self.take(src.nbytes)
         np.copyto(dst, src)
         return dst
+
+    def has_room(self, nbytes: int, arena_memory: Callable[[], tuple[int, int | None]]) -> bool:
+        """Whether a copy-out restore of ``nbytes`` fits in memory beside the
+        arena's, ``arena_memory()`` being its committed bytes and its cap
+        (:func:`~torch_arena._os.limits.room_for_private`). The limit is read
+        when fresh memory is asked for (once per few MiB of small batches),
+        and at most every :data:`_RECHECK_S` when free buffers serve: memory
+        may have run short since, and then the free buffers go back too."""
+        now = time.monotonic()
+        with self._lock:
+            self._collect()
+            fresh = nbytes - self._free_bytes
+            if fresh > 0:
+                self._unchecked += fresh
+                due = self._unchecked >= _CHECK_EVERY
+            else:
+                due = now - self._checked_at >= _RECHECK_S
+            if not due:
+                return True
+            self._unchecked, self._checked_at = 0, now
+            held = self._busy_bytes + self._free_bytes
+        if room_for_private(max(fresh, 0), nbytes, held, *arena_memory()):
+            return True
+        with self._lock:  # memory is short: free buffers kept for reuse go back too
+            self._trim(keep=0)
+        return False
 
     def take(self, nbytes: int) -> np.ndarray:
         """A writable ``uint8`` array of ``nbytes`` that nobody else holds."""
@@ -113,8 +147,9 @@ class PrivateBuffers:
                 self._free_bytes += len(buf)
         self._trim()
 
-    def _trim(self) -> None:
-        keep = self._working_set.keep()
+    def _trim(self, keep: int | None = None) -> None:
+        if keep is None:
+            keep = self._working_set.keep()
         if self._busy_bytes + self._free_bytes <= keep:
             return
         self._free.sort(key=len)

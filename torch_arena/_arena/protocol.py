@@ -185,6 +185,10 @@ class ArenaReader(Protocol):
     torch_arena_protocol: int
     token: int
     zero_copy: bool
+    """Whether units open zero-copy (a pool) or copy out (a ring)."""
+    spilled: int
+    """Units a copy-out reader opened zero-copy because their private copy
+    would not have fit in memory (always 0 for a zero-copy reader)."""
 
     def open_unit(self, span: int) -> ArenaUnit: ...
 

@@ -8,7 +8,14 @@ held while any view lives (:mod:`torch_arena._arena.leases`).
 :class:`CopyOutReader` (the rings): the codec copies each binary out, into
 recycled private memory (:mod:`torch_arena._arena.private`), and the unit is
 released as soon as it is read; nothing in the consumer points into shared
-memory.
+memory. Except when the copy would not fit: where fresh private memory would
+take what the arena may still grow into or run the machine short, or, inside
+a memory cgroup (a cluster job's limit, where the kernel OOM-kills instead of
+refusing), where the copies and the arena together would pass the arena's
+cap, the unit is restored zero-copy, as a
+pool's would be, and stays held while its views live. A spilled batch costs
+ring space for as long as it is kept, never an OOM kill that torch's own
+transport, which holds each batch once, would not have had.
 
 Both check every ``(offset, nbytes)`` an envelope names against the extents
 the shared table gives the unit, before touching memory, and both implement
@@ -132,6 +139,8 @@ class CopyOutUnit(_Unit):
 class _EmptyUnit:
     """The unit of an envelope without binaries."""
 
+    extents: tuple[Extent, ...] = ()
+
     def __init__(self, zero_copy: bool) -> None:
         self.zero_copy = zero_copy
 
@@ -148,6 +157,7 @@ class _Reader:
     torch_arena_protocol = PROTOCOL
     zero_copy: bool
     unit_class: Any
+    spilled = 0
 
     def __init__(self, core: ArenaCore, description: str) -> None:
         self.core = core
@@ -222,7 +232,22 @@ class CopyOutReader(_Reader):
         """An epoch boundary: private buffers sized for earlier epochs may go."""
         process_buffers().note_epoch()
 
+    def open_unit(self, span: int) -> Any:
+        """Claim the committed unit ``span``: a copy-out unit, or a zero-copy
+        one when its private copy would not fit (see the module's docstring)."""
+        unit = super().open_unit(span)
+        if not unit.zero_copy and unit.extents:
+            nbytes = sum(length for _, length in unit.extents)
+            if not process_buffers().has_room(nbytes, self.core.memory_figures):
+                spilled = ZeroCopyUnit(self, unit.key)
+                spilled.attach(unit.extents)  # the leases replace the unit as its anchors
+                self.spilled += 1
+                return spilled
+        return unit
+
     def read_binary(self, offset: int, nbytes: int) -> memoryview:
-        """A private copy of one binary (SPDL's protocol)."""
+        """A private copy of one binary (SPDL's protocol); a view where the
+        unit was spilled (see the module's docstring)."""
         unit = self._unit_holding(offset, nbytes)
-        return memoryview(unit.private_copy(unit.view(offset, nbytes)))
+        view = unit.view(offset, nbytes)
+        return memoryview(view if unit.zero_copy else unit.private_copy(view))

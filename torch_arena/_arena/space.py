@@ -169,6 +169,11 @@ class Space(abc.ABC):
         arena: its whole data region, reserved when it was made)."""
         return self.data_bytes, self.data_bytes
 
+    def cap(self, units: UnitTable) -> int | None:
+        """The most memory the arena may commit (lock held), or None for a
+        fixed arena (all of it was reserved when it was made)."""
+        return None
+
     # -- messages ---------------------------------------------------------------------
     @abc.abstractmethod
     def full_message(self, units: UnitTable, need: int, waited: float, timeout: float) -> str:

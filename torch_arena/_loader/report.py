@@ -44,6 +44,7 @@ def merge(total: ArenaStats, more: ArenaStats) -> ArenaStats:
         batches=total.batches + more.batches,
         bytes=total.bytes + more.bytes,
         fallbacks=total.fallbacks + more.fallbacks,
+        spilled=total.spilled + more.spilled,
         wait_seconds=total.wait_seconds + more.wait_seconds,
         high_water_units=max(total.high_water_units, more.high_water_units),
         high_water_bytes=max(total.high_water_bytes, more.high_water_bytes),
@@ -90,9 +91,10 @@ class Record:
 
     def line(self) -> str:
         t = self.totals()
+        spilled = f" ({t.spilled} restored zero-copy: memory was short for a copy)" if t.spilled else ""
         return (
-            f"torch_arena [pid {os.getpid()}]: {self.description}: {t.batches} batches through the arena, "
-            f"{t.fallbacks} fallbacks, {format_bytes(t.bytes)} moved, committed peak "
+            f"torch_arena [pid {os.getpid()}]: {self.description}: {t.batches} batches through the arena"
+            f"{spilled}, {t.fallbacks} fallbacks, {format_bytes(t.bytes)} moved, committed peak "
             f"{format_bytes(t.committed_high_water)}"
         )
 

@@ -161,6 +161,8 @@ class ArenaSession:
     def snapshot(self) -> ArenaStats:
         """A copy of the statistics with the arena's figures filled in."""
         stats = dataclasses.replace(self.stats)
+        if self._reader is not None:
+            stats.spilled = self._reader.spilled
         if not self.arena.closed:
             usage = self.arena.usage()
             stats.high_water_units = usage["units_high_water"]
@@ -178,6 +180,7 @@ class ArenaSession:
             stats.high_water_units = max(stats.high_water_units, snapshot.high_water_units)
             stats.high_water_bytes = max(stats.high_water_bytes, snapshot.high_water_bytes)
             stats.committed_high_water = max(stats.committed_high_water, snapshot.committed_high_water)
+            stats.spilled = snapshot.spilled
 
     def close(self) -> None:
         """Release the arena if this session created it."""

@@ -17,6 +17,10 @@ class ArenaStats:
     """Binary payload bytes moved through the arena."""
     fallbacks: int = 0
     """Batches that went through torch's default path instead."""
+    spilled: int = 0
+    """Batches of a copy-out arena (a ring) restored zero-copy instead, because
+    their private copy would not have fit in memory (they hold ring space while
+    the loop keeps them)."""
     wait_seconds: float = 0.0
     """Time producers spent waiting for arena space."""
     high_water_units: int = 0

@@ -12,9 +12,18 @@ from __future__ import annotations
 from torch_arena._os.cgroups import MemoryLimit, memory_limits
 from torch_arena._os.sizes import format_bytes
 
-__all__ = ["MemoryLimit", "available_memory", "memory_limits", "preflight", "tightest_limit"]
+__all__ = [
+    "MemoryLimit", "available_memory", "check_commit", "commit_reserve", "memory_limits", "preflight",
+    "room_for_private", "tightest_limit",
+]
 
 MEMINFO_SOURCE = "MemAvailable in /proc/meminfo"
+
+#: What a commit must leave free under a memory cgroup limit: this share of the
+#: limit, at least :data:`MIN_COMMIT_RESERVE` (room for the job's other
+#: allocations meanwhile: page tables, a worker's next samples, another writer).
+COMMIT_RESERVE_SHARE = 32
+MIN_COMMIT_RESERVE = 16 << 20
 
 
 def _mem_available() -> int | None:
@@ -65,3 +74,58 @@ def preflight(nbytes: int, what: str) -> None:
             f"{what}: only {format_bytes(available)} is available ({source}). "
             "Make the arena smaller (segment_size × count, capacity, or arena_budget)."
         )
+
+
+def commit_reserve(limit: MemoryLimit) -> int:
+    """Bytes a commit leaves free under ``limit`` (see :data:`COMMIT_RESERVE_SHARE`)."""
+    return max(MIN_COMMIT_RESERVE, (limit.limit or 0) // COMMIT_RESERVE_SHARE)
+
+
+def check_commit(nbytes: int, what: str) -> None:
+    """Raise :class:`MemoryError` if committing ``nbytes`` now would leave less
+    than :func:`commit_reserve` under the tightest memory cgroup limit.
+
+    Checked *before* the commit because the kernel does not refuse it: a
+    ``posix_fallocate`` of shared memory past a memory cgroup's limit does not
+    fail with ENOMEM, the OOM killer kills the cgroup's largest process (often
+    the training process, which maps every batch) and the fallocate goes on.
+    """
+    tightest = tightest_limit(memory_limits())
+    if tightest is None or tightest.headroom is None:
+        return
+    reserve = commit_reserve(tightest)
+    if nbytes + reserve > tightest.headroom:
+        raise MemoryError(
+            f"torch_arena: not committing {format_bytes(nbytes)} of shared memory for {what}: only "
+            f"{format_bytes(tightest.headroom)} is left under {tightest.describe()}, and "
+            f"{format_bytes(reserve)} stays free for the job's other needs (past a memory cgroup's "
+            "limit the kernel kills the largest process instead of refusing memory). "
+            "Make the arena smaller (arena_budget), or keep fewer batches alive."
+        )
+
+
+def room_for_private(fresh_bytes: int, batch_bytes: int, held_bytes: int, committed: int, cap: int | None) -> bool:
+    """Whether a copy-out restore may take ``fresh_bytes`` of new private
+    memory, for a batch of ``batch_bytes``, where the process already keeps
+    ``held_bytes`` of such copies and the arena holds ``committed`` bytes of
+    shared memory and may hold ``cap`` (None: a fixed arena).
+
+    The copy must leave room for what the arena may still commit, the commit
+    reserve and three batches (the workers build their next batches
+    meanwhile, and the loop holds one). Inside a memory cgroup the copies and
+    the arena's shared memory also share the arena's cap, as a pool's batches
+    do: there a copy-out ring holding each batch twice is an OOM kill that
+    torch's transport, holding it once, would not have had. Unlike a commit,
+    a copy has a way out (the batch is restored zero-copy), so it is refused
+    early rather than late.
+    """
+    tightest = tightest_limit(memory_limits())
+    figures = [_mem_available(), tightest.headroom if tightest is not None else None]
+    known = [figure for figure in figures if figure is not None]
+    if not known:
+        return True
+    reserve = commit_reserve(tightest) if tightest is not None else MIN_COMMIT_RESERVE
+    claimed = max(0, cap - committed) if cap is not None else 0
+    if fresh_bytes + claimed + reserve + 3 * batch_bytes > min(known):
+        return False
+    return tightest is None or cap is None or held_bytes + fresh_bytes + committed <= cap

@@ -31,7 +31,7 @@ from multiprocessing import reduction
 
 import numpy as np
 
-from torch_arena._os.limits import available_memory, preflight
+from torch_arena._os.limits import available_memory, check_commit, preflight
 from torch_arena._os.sizes import format_bytes
 
 __all__ = [
@@ -91,10 +91,14 @@ def commit_range(fd: int, offset: int, nbytes: int, what: str) -> None:
     """Reserve ``nbytes`` at ``offset`` of the memory file (pages allocated now).
 
     Raises :class:`MemoryError` naming the sizes when the kernel refuses, so
-    a later write into the range can never SIGBUS.
+    a later write into the range can never SIGBUS, and before asking it when
+    the commit would run the tightest memory cgroup out of room
+    (:func:`~torch_arena._os.limits.check_commit`: there the kernel would not
+    refuse but OOM-kill a process).
     """
     if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
         return
+    check_commit(nbytes, what)
     try:
         os.posix_fallocate(fd, offset, nbytes)
     except OSError as exc:
