@@ -143,23 +143,20 @@ class ProcessLock:
     def acquire(self) -> None:
         """Block until this thread holds the lock (see NOTE [ Arena lock and
         KeyboardInterrupt ])."""
-        self._ensure_process_state()
-        lock = self._thread_lock
-        if not lock._is_owned():
-            lock.acquire()
-        try:
-            self._lock_file()
-            self._count_hold()
-        except BaseException:
-            self._give_back()
-            raise
+        self._take(True)
 
     def try_acquire_thread(self) -> bool:
         """Take the lock only if no thread of this process holds it right now."""
+        return self._take(False)
+
+    def _take(self, blocking: bool) -> bool:
         self._ensure_process_state()
         lock = self._thread_lock
-        if not lock._is_owned() and not lock.acquire(blocking=False):
+        if not lock._is_owned() and not lock.acquire(blocking):
             return False
+        # No call between taking the thread lock and this try but the
+        # interrupt check after acquire() itself (an owned lock is taken over
+        # by the next acquire).
         try:
             self._lock_file()
             self._count_hold()
