@@ -52,17 +52,17 @@ pytestmark = pytest.mark.slow
 
 #: (limit, batch MiB) where stock completed in every measured run.
 STOCK_COMPLETES = [
-    (GiB, 64),
-    (GiB, 80),  # stock peaks at 0.82-0.87 GiB (at 96 MiB it is OOM-killed in 1 run of 3)
-    (2 * GiB, 320),  # stock peaks at 1.5-1.6 GiB; 30-40 s a run
+    (GiB, 64),  # stock peaks at 0.65-0.70 GiB on torch 2.13, 0.9 GiB on 2.14
+    (2 * GiB, 320),  # stock peaks at 1.6-1.7 GiB; 30-40 s a run
 ]
+# Not (1 GiB, 80 MiB): stock completes there on torch 2.13 but its training
+# process is OOM-killed on torch 2.14, whose CUDA build makes the training
+# process ~150 MiB larger (the arenas completed there on both).
 
 #: The arena jobs: each STOCK_COMPLETES cell with each arena the loader makes.
 ARENA_CELLS = [
     (GiB, 64, "pool"),
     (GiB, 64, "ring"),
-    (GiB, 80, "pool"),
-    (GiB, 80, "ring"),
     (2 * GiB, 320, "pool"),
     (2 * GiB, 320, "ring"),  # OOM-killed (the training process) before the ring spilled
 ]
@@ -102,15 +102,18 @@ def test_a_killed_training_process_is_reported_as_such():
     _assert_clean(job)
 
 
-def test_a_killed_worker_is_reported_as_such_and_nothing_is_left_behind():
-    """Stock, a batch larger than the cgroup allows: the OOM killer kills a
-    worker (the largest process), torch reports it, the harness removes the
-    cgroup, the processes and the file torch left in /dev/shm."""
+def test_a_killed_job_is_reported_with_its_victim_and_nothing_is_left_behind():
+    """Stock, a batch larger than the cgroup allows: the OOM killer kills the
+    largest process (a worker on torch 2.13; the training process on 2.14,
+    whose CUDA build is larger), the harness names it as the kernel log does,
+    and removes the cgroup, the processes and whatever torch left in /dev/shm."""
     job = loader_job("stock", 160, 384 * MiB, batches=4, timeout=120)
-    assert (job.outcome, job.killed_role) == ("killed", "worker"), _describe(job)
-    assert job.oom_kills >= 1
+    assert job.outcome == "killed" and job.oom_kills >= 1, _describe(job)
     if job.victims:  # where the kernel log can be read
-        assert {v["role"] for v in job.victims} == {"worker"}, job.victims
+        roles = [v["role"] for v in job.victims]
+        assert job.killed_role == ("main" if "main" in roles else "worker"), (job.killed_role, job.victims)
+    else:
+        assert job.killed_role in ("main", "worker"), _describe(job)
     _assert_clean(job)
 
 
