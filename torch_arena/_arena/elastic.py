@@ -81,9 +81,7 @@ class _ElasticArena(ArenaHandle):
         kernel now; returns the bytes given back. Units in use are untouched."""
         core = self.core
         space: ElasticSpace = core.space  # type: ignore[assignment]
-        marked = core.with_units(lambda units: space.trim(units, keep_bytes))
-        space.give_back(marked)
-        return sum(length for _, length in marked)
+        return space.give_back(core.with_units(lambda units: space.trim(units, keep_bytes)))
 
     def describe(self) -> str:
         return f"an elastic {self.noun} capped at {format_bytes(self.max_bytes)}"

@@ -254,13 +254,13 @@ class ElasticSpace(Space):
         file = self._file()
         with file.locked():
             marked = self.trim(file.cached("units", UnitTable), 0)
-        self.give_back(marked)
-        return sum(length for _, length in marked)
+        return self.give_back(marked)
 
-    def give_back(self, ranges: tuple[Extent, ...]) -> None:
-        """Punch the marked ranges (no lock held), then make them cold."""
+    def give_back(self, ranges: tuple[Extent, ...]) -> int:
+        """Punch the marked ranges (no lock held), then make them cold; the
+        bytes given back."""
         if not ranges:
-            return
+            return 0
         file = self._file()
         try:
             for start, length in ranges:
@@ -268,6 +268,7 @@ class ElasticSpace(Space):
         finally:
             with file.locked():
                 self.views(file.cached("units", UnitTable)).extents.finish_trim(list(ranges), current_pid())
+        return sum(length for _, length in ranges)
 
     def committed(self, units: UnitTable) -> tuple[int, int]:
         file = self._file()

@@ -161,8 +161,9 @@ class Space(abc.ABC):
         """Prepare a placed chunk for writing (commit fresh memory). Raises
         :class:`MemoryError` when the kernel refuses."""
 
-    def give_back(self, ranges: tuple[Extent, ...]) -> None:
-        """Return marked ranges to the kernel."""
+    def give_back(self, ranges: tuple[Extent, ...]) -> int:
+        """Return marked ranges to the kernel; the bytes given back."""
+        return 0
 
     def committed(self, units: UnitTable) -> tuple[int, int]:
         """Memory the arena holds now, and the most it has held (a fixed

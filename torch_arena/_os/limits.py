@@ -53,6 +53,15 @@ def available_memory() -> tuple[int | None, str]:
     ``"cgroup v1 memory.limit_in_bytes of /job (1.0 GiB, 312.0 MiB used)"``.
     Returns ``(None, reason)`` where neither can be read.
     """
+    candidates, _ = _memory_figures()
+    if not candidates:
+        return None, "no memory figure could be read (neither /proc/meminfo nor a memory cgroup)"
+    return min(candidates)
+
+
+def _memory_figures() -> tuple[list[tuple[int, str]], MemoryLimit | None]:
+    """Every figure of memory still available, with its source (the kernel's
+    ``MemAvailable``, the tightest cgroup's headroom), and that cgroup limit."""
     candidates: list[tuple[int, str]] = []
     mem_available = _mem_available()
     if mem_available is not None:
@@ -60,9 +69,7 @@ def available_memory() -> tuple[int | None, str]:
     tightest = tightest_limit(memory_limits())
     if tightest is not None and tightest.headroom is not None:
         candidates.append((tightest.headroom, tightest.describe()))
-    if not candidates:
-        return None, "no memory figure could be read (neither /proc/meminfo nor a memory cgroup)"
-    return min(candidates)
+    return candidates, tightest
 
 
 def preflight(nbytes: int, what: str) -> None:
@@ -119,13 +126,12 @@ def room_for_private(fresh_bytes: int, batch_bytes: int, held_bytes: int, commit
     a copy has a way out (the batch is restored zero-copy), so it is refused
     early rather than late.
     """
-    tightest = tightest_limit(memory_limits())
-    figures = [_mem_available(), tightest.headroom if tightest is not None else None]
-    known = [figure for figure in figures if figure is not None]
-    if not known:
+    candidates, tightest = _memory_figures()
+    if not candidates:
         return True
+    available, _ = min(candidates)
     reserve = commit_reserve(tightest) if tightest is not None else MIN_COMMIT_RESERVE
     claimed = max(0, cap - committed) if cap is not None else 0
-    if fresh_bytes + claimed + reserve + 3 * batch_bytes > min(known):
+    if fresh_bytes + claimed + reserve + 3 * batch_bytes > available:
         return False
     return tightest is None or cap is None or held_bytes + fresh_bytes + committed <= cap
