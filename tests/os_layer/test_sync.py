@@ -23,17 +23,17 @@ def _other_thread_gets(lock, timeout: float = 5.0) -> bool:
     return got.wait(timeout)
 
 
-def test_an_acquire_interrupted_right_after_the_thread_lock_is_taken_over_by_the_next_acquire():
-    """What a Ctrl-C does when it lands just after the thread lock was taken and
-    before the ``try``: this thread's next arena call (the loader's shutdown at
-    exit) must not wait for itself."""
+def _next_call_after(leak) -> None:
+    """In one thread: ``leak(lock)`` (what an interrupt left behind), then the
+    thread's next arena call (an acquire and a release). That call must not
+    wait for the thread itself, must leave the thread holding nothing, and
+    the lock must then be free for another thread."""
     arena = ta.SharedMemorySegmentPool(1 << 16, 2)
     lock = arena.file.lock
     done = threading.Event()
 
-    def leak_then_call():  # one thread: the leak, then its next arena call
-        lock._ensure_process_state()
-        lock._thread_lock.acquire()  # the interrupted acquire's leftover
+    def leak_then_call():
+        leak(lock)
         lock.acquire()
         assert holds_arena_lock()
         lock.release()
@@ -46,25 +46,27 @@ def test_an_acquire_interrupted_right_after_the_thread_lock_is_taken_over_by_the
     arena.close()
 
 
+def test_an_acquire_interrupted_right_after_the_thread_lock_is_taken_over_by_the_next_acquire():
+    """What a Ctrl-C does when it lands just after the thread lock was taken and
+    before the ``try``: this thread's next arena call (the loader's shutdown at
+    exit) must not wait for itself."""
+
+    def interrupted_acquire(lock):
+        lock._ensure_process_state()
+        lock._thread_lock.acquire()  # the interrupted acquire's leftover
+
+    _next_call_after(interrupted_acquire)
+
+
 def test_a_release_interrupted_on_entry_is_finished_by_the_next_acquire_and_release():
     """A Ctrl-C on entry to release leaves the hold as it was; the next
     acquire/release pair in the thread ends it and the depth is right."""
-    arena = ta.SharedMemorySegmentPool(1 << 16, 2)
-    lock = arena.file.lock
-    done = threading.Event()
 
-    def interrupted_release_then_call():
+    def interrupted_release(lock):
         lock.acquire()  # ... and the release never ran
         assert holds_arena_lock()
-        lock.acquire()
-        lock.release()
-        if not holds_arena_lock():
-            done.set()
 
-    threading.Thread(target=interrupted_release_then_call, daemon=True).start()
-    assert done.wait(5.0), "the thread's next acquire waited for its own leaked lock"
-    assert _other_thread_gets(lock)
-    arena.close()
+    _next_call_after(interrupted_release)
 
 
 def test_sigint_storm_on_acquire_and_release_leaves_the_lock_usable():
